@@ -1,0 +1,10 @@
+"""Test preset: 3 small numbers, a few dozen problems, a tiny model: every stage runs in seconds."""
+
+from apr_jax.data.config import DataConfig
+from apr_jax.presets import Preset
+
+
+def get_config() -> Preset:
+    data = DataConfig(num_inputs=3, max_num=20, min_target=10, max_target=30, num_train=64, num_val=16,
+                      sosp_max_beam=3, apr_max_beam=3, apr_max_sub_beam=5, context=1024, chunk_size=16)
+    return Preset(name="tiny", data=data)
