@@ -281,7 +281,7 @@ def _iter_parts(paths: list[Path]) -> Iterable[dict]:
             yield {k: z[k] for k in ("tokens", "lengths", "kinds", "problem_ids")}
 
 
-def _stats(out: Path, split: str) -> dict:
+def _stats(out: Path, split: str, context: int) -> dict:
     stats = {}
     for method in METHODS:
         src = arrays.TokenArraySource(out / "arrays" / f"{method}_{split}")
@@ -291,7 +291,8 @@ def _stats(out: Path, split: str) -> dict:
                  "solved_fraction": float(np.mean([r["solved"] for r in recs])) if recs else 0.0,
                  "mean_tokens_per_demonstration": float(np.mean([r["token_count"] for r in recs])) if recs else 0.0,
                  "mean_sequence_tokens": float(lengths.mean()) if len(lengths) else 0.0,
-                 "max_sequence_tokens": int(lengths.max()) if len(lengths) else 0}
+                 "max_sequence_tokens": int(lengths.max()) if len(lengths) else 0,
+                 "fraction_of_sequences_over_context": float(np.mean(lengths > context)) if len(lengths) else 0.0}
         if method == "apr" and recs:
             entry["mean_longest_call_tokens"] = float(np.mean([r["longest_seq_token_count"] for r in recs]))
             entry["p90_longest_call_tokens"] = float(np.percentile([r["longest_seq_token_count"] for r in recs], 90))
@@ -362,7 +363,7 @@ def generate(cfg: DataConfig, out_dir: str | Path, workers: int = 1, progress: b
         "config": dataclasses.asdict(cfg),
         "vocab_size": vocab,
         "counts": {s: len(problems[s]) for s in SPLITS},
-        "stats": {s: _stats(out, s) for s in SPLITS},
+        "stats": {s: _stats(out, s, cfg.context) for s in SPLITS},
         "timing": {"problems_s": round(t_problems, 2), "demonstrations_s": round(t_demos, 2),
                    "total_s": round(elapsed, 2), "workers": workers,
                    "problems_per_s": round(n_problems / elapsed, 1),
