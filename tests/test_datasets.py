@@ -129,3 +129,33 @@ def test_import_official_files(golden_apr, golden_sosp, tmp_path):
     assert len(src) == n_calls
     tok = T.load_tokenizer(tmp_path / "out")
     assert T.decode(tok, src[0]) == golden_apr[0]["trace_dict"]["main_calls"][0]
+
+
+def test_external_tokenizer_file_gives_the_same_arrays(tiny_data, tmp_path):
+    """An external tokenizer.json goes through the generic (slow) encoder; with our own vocabulary saved
+    as that file, the arrays must equal the fast path's bytes."""
+    ext = tmp_path / "external.json"
+    T.save_tokenizer(T.load_tokenizer(tiny_data), ext)
+    cfg = presets.override(presets.load("tiny").data, tokenizer_file=str(ext))
+    datasets.generate(cfg, tmp_path / "out", workers=1, progress=False)
+    for name in ("sosp_train", "apr_val"):
+        a = (tiny_data / "arrays" / name / "tokens.bin").read_bytes()
+        assert (tmp_path / "out" / "arrays" / name / "tokens.bin").read_bytes() == a
+
+
+def test_condition_prefixes_in_arrays(tmp_path):
+    cfg = presets.override(presets.load("tiny").data, condition_prefix=True, num_train=16, num_val=4)
+    datasets.generate(cfg, tmp_path, workers=1, progress=False)
+    tok = T.load_tokenizer(tmp_path)
+    sosp = arrays.TokenArraySource(tmp_path / "arrays" / "sosp_train")
+    text = T.decode(tok, sosp[0])
+    prefix, rest = traces.strip_condition_prefix(text)
+    assert prefix == f"Token Budget: {traces.token_budget(len(sosp[0]) - len(T.encode(tok, prefix)), cfg.context)} "
+    assert rest.startswith("Current State: ")
+    apr = arrays.TokenArraySource(tmp_path / "arrays" / "apr_train")
+    for i in range(len(apr)):
+        text = T.decode(tok, apr[i])
+        if apr.kinds[i] == arrays.KIND_APR_PARENT:
+            assert text.startswith("Sub Call Budget: ")
+        else:
+            assert text.startswith("Moving to Node #0,")

@@ -32,6 +32,7 @@ class DataConfig:
     release_compat: bool = False  # reproduce the release's misplaced 'Moving to Node' after failed spawns
     number_mode: str = "digits"  # 'digits' (Llama-2, the paper) or 'integers'
     max_int_digits: int = 4  # integers mode: numbers below 10**max_int_digits are one token
+    tokenizer_file: str = ""  # optional external tokenizer.json (e.g. Llama-2's) instead of the domain one
     context: int = 4096  # tokens per sequence (BOS + text + EOS); longer sequences are counted, not cut
     condition_prefix: bool = False  # prepend 'Sub Call Budget: n ' / 'Token Budget: b ' to the arrays
     chunk_size: int = 1000  # problems per work unit (fixed, so output does not depend on workers)

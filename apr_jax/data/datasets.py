@@ -121,8 +121,8 @@ def apr_sequences(record: dict, condition_prefix: bool) -> list[tuple[int, str]]
     return out
 
 
-def _with_specials(ids: np.ndarray) -> np.ndarray:
-    return np.concatenate([[tokenization.BOS_ID], ids, [tokenization.EOS_ID]]).astype(np.int32)
+def _with_specials(ids: np.ndarray, bos: int = tokenization.BOS_ID, eos: int = tokenization.EOS_ID) -> np.ndarray:
+    return np.concatenate([[bos], ids, [eos]]).astype(np.int32)
 
 
 def _apr_token_stats(seqs: list[tuple[int, np.ndarray]]) -> dict:
@@ -161,8 +161,10 @@ _WORKER: dict = {}
 
 def _init_worker(cfg: DataConfig, tokenizer_path: str) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tok = tokenization.load_tokenizer(tokenizer_path)
     _WORKER["cfg"] = cfg
-    _WORKER["encoder"] = tokenization.FastEncoder(tokenization.load_tokenizer(tokenizer_path))
+    _WORKER["encoder"] = tokenization.HFEncoder(tok) if cfg.tokenizer_file else tokenization.FastEncoder(tok)
+    _WORKER["specials"] = tokenization.special_ids(tok)
 
 
 def _problem_chunk(args: tuple) -> list[dict]:
@@ -188,7 +190,8 @@ def _demo_chunk(args: tuple) -> tuple[str, int, int]:
         for kind, text in apr_sequences(a, cfg.condition_prefix):
             texts.append(text)
             owners.append(("apr", problem["id"], kind))
-    encoded = [_with_specials(ids) for ids in enc.encode_many(texts)]
+    _, bos, eos = _WORKER["specials"]
+    encoded = [_with_specials(ids, bos, eos) for ids in enc.encode_many(texts)]
     by_method: dict[str, list] = {"sosp": [], "apr": []}
     for (method, pid, kind), ids in zip(owners, encoded):
         by_method[method].append((kind, pid, ids))
@@ -318,7 +321,11 @@ def generate(cfg: DataConfig, out_dir: str | Path, workers: int = 1, progress: b
         raise ValueError(f"{out} holds a partial dataset made with another config; use a fresh --out")
     atomic_write_text(config_path, json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     t0 = time.perf_counter()
-    tok = tokenization.build_tokenizer(cfg.number_mode, cfg.max_int_digits)
+    if cfg.tokenizer_file:
+        tok = tokenization.load_tokenizer(cfg.tokenizer_file)
+        tokenization.special_ids(tok)  # fails early, naming what is missing
+    else:
+        tok = tokenization.build_tokenizer(cfg.number_mode, cfg.max_int_digits)
     tokenization.save_tokenizer(tok, out / "tokenizer.json")
 
     problems = _make_problems(cfg, out, workers, progress)
@@ -346,6 +353,7 @@ def generate(cfg: DataConfig, out_dir: str | Path, workers: int = 1, progress: b
     t_demos = time.perf_counter() - t1
 
     vocab = tokenization.vocab_size(tok)
+    pad, bos, eos = tokenization.special_ids(tok)
     for split in SPLITS:
         n_chunks = len(_chunks(len(problems[split]), cfg.chunk_size))
         names = [parts / f"{split}_{c:06d}" for c in range(n_chunks)]
@@ -353,8 +361,7 @@ def generate(cfg: DataConfig, out_dir: str | Path, workers: int = 1, progress: b
             _concat_jsonl([n.with_name(n.name + f".{method}.jsonl") for n in names], out / f"{method}_{split}.jsonl")
             arrays.write_arrays(out / "arrays" / f"{method}_{split}",
                                 _iter_parts([n.with_name(n.name + f".{method}.npz") for n in names]),
-                                vocab_size=vocab, bos_id=tokenization.BOS_ID, eos_id=tokenization.EOS_ID,
-                                pad_id=tokenization.PAD_ID)
+                                vocab_size=vocab, bos_id=bos, eos_id=eos, pad_id=pad)
     shutil.rmtree(parts)
     elapsed = time.perf_counter() - t0
     n_problems = cfg.num_train + cfg.num_val

@@ -190,3 +190,29 @@ class FastEncoder:
                 keep[pos] = False
         codes[starts] = self._INT_BASE + values
         return codes[keep]
+
+
+class HFEncoder:
+    """Bulk encoding through any ``tokenizers`` model (e.g. Llama-2's ``tokenizer.json``); slower."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+
+    def encode(self, text: str):
+        import numpy as np
+
+        return np.asarray(encode(self.tok, text), dtype=np.int32)
+
+    def encode_many(self, texts: list[str]) -> list:
+        import numpy as np
+
+        return [np.asarray(ids, dtype=np.int32) for ids in encode_batch(self.tok, texts)]
+
+
+def special_ids(tok: Tokenizer) -> tuple[int, int, int]:
+    """(pad, bos, eos) ids of a tokenizer: ours, or Llama-2's (``<unk>`` 0 doubles as pad, as in the paper)."""
+    bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    if bos is None or eos is None:
+        raise ValueError("the tokenizer has no '<s>'/'</s>' tokens; APR needs BOS and EOS")
+    pad = tok.token_to_id(PAD)
+    return (0 if pad is None else pad), bos, eos
