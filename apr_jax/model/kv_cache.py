@@ -1,0 +1,100 @@
+"""A static-shape key/value cache with one length per row.
+
+Layout: ``k`` and ``v`` are ``[layers, batch, max_len, kv_heads, head_dim]`` and ``lengths[batch]`` counts
+the valid positions of each row (slots ``0 .. lengths[b] - 1``). Slots at or beyond a row's length hold
+stale data that attention masks out, so rolling a row back (:func:`truncate`) or clearing it (:func:`reset`)
+only changes ``lengths``. Every operation keeps the shapes, so nothing recompiles as rows grow or shrink.
+
+The forward pass (:func:`apr_jax.model.llama.forward` with ``cache=``) appends each row's new tokens at the
+row's own length (:func:`write`) and advances ``lengths`` by the number of valid new tokens of the row.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from apr_jax.model.config import LlamaConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for a batch of rows (a pytree; all fields are arrays).
+
+    Attributes:
+      k: keys, ``[layers, batch, max_len, kv_heads, head_dim]`` (after RoPE).
+      v: values, same shape as ``k``.
+      lengths: ``[batch]`` int32, the number of valid positions of each row.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None, dtype=jnp.float32) -> KVCache:
+    """An empty cache (all lengths 0) of ``batch`` rows of ``max_len`` slots (default ``cfg.max_seq_len``)."""
+    max_len = cfg.max_seq_len if max_len is None else max_len
+    if batch <= 0 or max_len <= 0:
+        raise ValueError(f"init_cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32)
+    )
+
+
+def write(
+    cache_BSKH: jax.Array, new_BTKH: jax.Array, lengths_B: jax.Array, num_new_B: jax.Array
+) -> jax.Array:
+    """Write the first ``num_new_B[b]`` of ``new_BTKH[b]`` at slots ``lengths_B[b] ...`` of one layer's cache.
+
+    Padding tokens (index ``>= num_new_B[b]``) and slots past the end of the cache are dropped, never
+    clamped onto valid entries.
+    """
+    batch, max_len = cache_BSKH.shape[:2]
+    steps_T = jnp.arange(new_BTKH.shape[1])
+    slots_BT = lengths_B[:, None] + steps_T[None, :]
+    slots_BT = jnp.where(steps_T[None, :] < num_new_B[:, None], slots_BT, max_len)  # out of range: dropped
+    rows_BT = jnp.broadcast_to(jnp.arange(batch)[:, None], slots_BT.shape)
+    return cache_BSKH.at[rows_BT, slots_BT].set(new_BTKH.astype(cache_BSKH.dtype), mode="drop")
+
+
+def _row_mask(cache: KVCache, rows) -> jax.Array:
+    """``[batch]`` bool from a boolean row mask, a row index or an array of row indices."""
+    rows = jnp.asarray(rows)
+    if rows.dtype == jnp.bool_:
+        if rows.shape != (cache.batch_size,):
+            raise ValueError(f"row mask must have shape ({cache.batch_size},), got {rows.shape}")
+        return rows
+    if not jnp.issubdtype(rows.dtype, jnp.integer):
+        raise TypeError(f"rows must be a bool mask or integer row indices, got dtype {rows.dtype}")
+    return jnp.zeros((cache.batch_size,), jnp.bool_).at[rows].set(True)
+
+
+def truncate(cache: KVCache, rows, new_length) -> KVCache:
+    """Roll the selected rows back to their first ``new_length`` positions.
+
+    Args:
+      cache: the cache.
+      rows: a ``[batch]`` bool mask, a row index, or an int array of row indices.
+      new_length: scalar or ``[batch]`` int; a row is never extended (its length becomes
+        ``min(length, new_length)``).
+    """
+    mask_B = _row_mask(cache, rows)
+    new_B = jnp.broadcast_to(jnp.asarray(new_length, jnp.int32), cache.lengths.shape)
+    lengths = jnp.where(mask_B, jnp.minimum(cache.lengths, jnp.maximum(new_B, 0)), cache.lengths)
+    return cache.replace(lengths=lengths)
+
+
+def reset(cache: KVCache, rows) -> KVCache:
+    """Empty the selected rows (``rows`` as in :func:`truncate`)."""
+    return truncate(cache, rows, 0)

@@ -1,0 +1,408 @@
+"""A Llama-2 decoder in Flax Linen, exposed as two pure functions: :func:`init` and :func:`forward`.
+
+Architecture: token embedding, ``num_layers`` pre-norm blocks (RMSNorm -> attention with RoPE and optional
+grouped KV heads -> residual; RMSNorm -> SwiGLU MLP -> residual), a final RMSNorm and an untied output
+head. No biases; every matrix is initialised from normal(``init_std``). RoPE follows the Hugging Face
+``rotate_half`` convention so the weights load into ``transformers.LlamaForCausalLM`` unchanged.
+
+Shape suffixes: B batch, T new tokens (Q: one query block), S key slots (C: one key block), D hidden,
+N query heads, K kv heads, G = N // K, H head dim, F MLP width, V vocabulary.
+
+Attention is exact blockwise "flash" attention (online softmax in a ``lax.scan`` over (query block, key
+block) pairs, with a FlashAttention-2 custom VJP that recomputes probabilities from the saved log-sum-exp),
+so no more than one ``cfg.attention_block``-sized block of scores exists at a time, forward or backward.
+Without a cache, key blocks after a query block are skipped. See docs/model.md for the measurements.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from apr_jax.model import kv_cache as kvc
+from apr_jax.model.config import LlamaConfig
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _compute_dtype(cfg: LlamaConfig):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def _matmul(cfg: LlamaConfig, subscripts: str, x, w) -> jax.Array:
+    """einsum in the compute dtype with fp32 accumulation and an fp32 result."""
+    dtype = _compute_dtype(cfg)
+    return jnp.einsum(subscripts, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class MaskSpec(NamedTuple):
+    """What each query may attend to, kept as 1-D descriptors so masks are built one block at a time.
+
+    Key slot ``s`` is visible to query ``t`` of row ``b`` iff ``s <= q_slot_BT[b, t]`` (causal),
+    ``s < k_limit_B[b]`` (valid) and ``q_seg_BT[b, t] == k_seg_BS[b, s]`` (same packed segment).
+    A query that sees no key gets a zero output.
+    """
+
+    q_slot_BT: jax.Array
+    q_seg_BT: jax.Array
+    k_seg_BS: jax.Array
+    k_limit_B: jax.Array
+
+
+class _Blocks(NamedTuple):
+    """Static tiling: query block ``bq``, key block ``bk`` and the visited (query, key) block pairs."""
+
+    bq: int
+    bk: int
+    pairs: tuple[tuple[int, int], ...]  # query-block major, key blocks ascending from 0
+
+
+def _block_inputs(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec, i, j):
+    """Slices of query block ``i`` and key block ``j``, their fp32 scores and visibility mask."""
+    bq, bk = blocks.bq, blocks.bk
+    q_BKGQH = jax.lax.dynamic_slice_in_dim(q_BKGTH, i * bq, bq, axis=3)
+    k_BKCH = jax.lax.dynamic_slice_in_dim(k_BKSH, j * bk, bk, axis=2)
+    v_BKCH = jax.lax.dynamic_slice_in_dim(v_BKSH, j * bk, bk, axis=2)
+    q_slot_BQ = jax.lax.dynamic_slice_in_dim(spec.q_slot_BT, i * bq, bq, axis=1)
+    q_seg_BQ = jax.lax.dynamic_slice_in_dim(spec.q_seg_BT, i * bq, bq, axis=1)
+    k_seg_BC = jax.lax.dynamic_slice_in_dim(spec.k_seg_BS, j * bk, bk, axis=1)
+    k_slot_C = j * bk + jnp.arange(bk)
+    mask_BQC = (
+        (k_slot_C[None, None, :] <= q_slot_BQ[:, :, None])
+        & (k_slot_C[None, None, :] < spec.k_limit_B[:, None, None])
+        & (q_seg_BQ[:, :, None] == k_seg_BC[:, None, :])
+    )
+    scale = q_BKGTH.shape[-1] ** -0.5
+    scores_BKGQC = _matmul(cfg, "BKGQH,BKCH->BKGQC", q_BKGQH, k_BKCH) * scale
+    return q_BKGQH, k_BKCH, v_BKCH, scores_BKGQC, mask_BQC[:, None, None]
+
+
+def _flash_forward(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec):
+    """Online-softmax attention over the block pairs; returns the output and the log-sum-exp."""
+    b, kh, g, t, h = q_BKGTH.shape
+    bq = blocks.bq
+
+    def step(carry, ij):
+        m_BKGQ, l_BKGQ, acc_BKGQH, out_BKGTH, lse_BKGT = carry
+        i, j = ij[0], ij[1]
+        fresh = j == 0  # first key block of a new query block
+        m_BKGQ = jnp.where(fresh, _MASK_VALUE, m_BKGQ)
+        l_BKGQ = jnp.where(fresh, 0.0, l_BKGQ)
+        acc_BKGQH = jnp.where(fresh, 0.0, acc_BKGQH)
+        _, _, v_BKCH, scores_BKGQC, mask = _block_inputs(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec, i, j)
+        scores_BKGQC = jnp.where(mask, scores_BKGQC, _MASK_VALUE)
+        m_new_BKGQ = jnp.maximum(m_BKGQ, scores_BKGQC.max(axis=-1))
+        p_BKGQC = jnp.where(mask, jnp.exp(scores_BKGQC - m_new_BKGQ[..., None]), 0.0)
+        correction_BKGQ = jnp.exp(m_BKGQ - m_new_BKGQ)
+        l_BKGQ = l_BKGQ * correction_BKGQ + p_BKGQC.sum(axis=-1)
+        pv_BKGQH = _matmul(cfg, "BKGQC,BKCH->BKGQH", p_BKGQC, v_BKCH)
+        acc_BKGQH = acc_BKGQH * correction_BKGQ[..., None] + pv_BKGQH
+        # Rewritten at every key block; the last write of a query block is the final value.
+        out_BKGQH = acc_BKGQH / jnp.maximum(l_BKGQ, 1e-30)[..., None]
+        lse_BKGQ = jnp.where(l_BKGQ > 0, m_new_BKGQ + jnp.log(jnp.maximum(l_BKGQ, 1e-30)), 0.0)
+        out_BKGTH = jax.lax.dynamic_update_slice_in_dim(out_BKGTH, out_BKGQH, i * bq, axis=3)
+        lse_BKGT = jax.lax.dynamic_update_slice_in_dim(lse_BKGT, lse_BKGQ, i * bq, axis=3)
+        return (m_new_BKGQ, l_BKGQ, acc_BKGQH, out_BKGTH, lse_BKGT), None
+
+    init = (
+        jnp.full((b, kh, g, bq), _MASK_VALUE),
+        jnp.zeros((b, kh, g, bq)),
+        jnp.zeros((b, kh, g, bq, h)),
+        jnp.zeros((b, kh, g, t, h)),
+        jnp.zeros((b, kh, g, t)),
+    )
+    carry, _ = jax.lax.scan(step, init, jnp.asarray(blocks.pairs, jnp.int32))
+    return carry[3], carry[4]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec):
+    return _flash_forward(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec)[0]
+
+
+def _flash_fwd(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec):
+    out_BKGTH, lse_BKGT = _flash_forward(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec)
+    return out_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, spec, out_BKGTH, lse_BKGT)
+
+
+def _flash_bwd(cfg, blocks, residuals, dout_BKGTH):
+    """FlashAttention-2 backward: recompute each block's probabilities from the saved log-sum-exp."""
+    q_BKGTH, k_BKSH, v_BKSH, spec, out_BKGTH, lse_BKGT = residuals
+    bq, bk = blocks.bq, blocks.bk
+    delta_BKGT = jnp.sum(dout_BKGTH * out_BKGTH, axis=-1)
+    scale = q_BKGTH.shape[-1] ** -0.5
+
+    def step(carry, ij):
+        dq_BKGTH, dk_BKSH, dv_BKSH = carry
+        i, j = ij[0], ij[1]
+        q_BKGQH, k_BKCH, v_BKCH, scores_BKGQC, mask = _block_inputs(
+            cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec, i, j
+        )
+        lse_BKGQ = jax.lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, axis=3)
+        delta_BKGQ = jax.lax.dynamic_slice_in_dim(delta_BKGT, i * bq, bq, axis=3)
+        dout_BKGQH = jax.lax.dynamic_slice_in_dim(dout_BKGTH, i * bq, bq, axis=3)
+        p_BKGQC = jnp.where(mask, jnp.exp(scores_BKGQC - lse_BKGQ[..., None]), 0.0)
+        dp_BKGQC = _matmul(cfg, "BKGQH,BKCH->BKGQC", dout_BKGQH, v_BKCH)
+        ds_BKGQC = p_BKGQC * (dp_BKGQC - delta_BKGQ[..., None]) * scale
+        dq_BKGQH = _matmul(cfg, "BKGQC,BKCH->BKGQH", ds_BKGQC, k_BKCH)
+        dk_BKCH = _matmul(cfg, "BKGQC,BKGQH->BKCH", ds_BKGQC, q_BKGQH)
+        dv_BKCH = _matmul(cfg, "BKGQC,BKGQH->BKCH", p_BKGQC, dout_BKGQH)
+
+        def add(total, part, start, axis):
+            current = jax.lax.dynamic_slice_in_dim(total, start, part.shape[axis], axis=axis)
+            return jax.lax.dynamic_update_slice_in_dim(total, current + part, start, axis=axis)
+
+        return (
+            add(dq_BKGTH, dq_BKGQH, i * bq, 3),
+            add(dk_BKSH, dk_BKCH, j * bk, 2),
+            add(dv_BKSH, dv_BKCH, j * bk, 2),
+        ), None
+
+    init = (jnp.zeros_like(q_BKGTH), jnp.zeros_like(k_BKSH), jnp.zeros_like(v_BKSH))
+    (dq, dk, dv), _ = jax.lax.scan(step, init, jnp.asarray(blocks.pairs, jnp.int32))
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def attention(cfg: LlamaConfig, q_BTNH, k_BSKH, v_BSKH, spec: MaskSpec, causal_skip: bool) -> jax.Array:
+    """Exact blockwise (flash) attention with GQA; never builds more than one block of scores.
+
+    ``causal_skip`` declares that query ``t`` sits at key slot ``t`` (no cache), so key blocks after a
+    query block are skipped. With a cache, short query sets (decode) use one wide key block.
+    """
+    b, t, n, h = q_BTNH.shape
+    s = k_BSKH.shape[1]
+    bq = min(t, cfg.attention_block)
+    nq = -(-t // bq)
+    if causal_skip:
+        bk, nk = bq, nq
+    else:  # as few key blocks as a tile of about attention_block**2 scores allows, evenly sized
+        nk = -(-s // max(cfg.attention_block, cfg.attention_block**2 // bq))
+        bk = -(-s // nk)
+    pairs = tuple((i, j) for i in range(nq) for j in range(nk) if not causal_skip or j <= i)
+    blocks = _Blocks(bq, bk, pairs)
+
+    pad_t, pad_s = nq * bq - t, nk * bk - s
+    spec = MaskSpec(
+        jnp.pad(spec.q_slot_BT, ((0, 0), (0, pad_t)), constant_values=-1),
+        jnp.pad(spec.q_seg_BT, ((0, 0), (0, pad_t))),
+        jnp.pad(spec.k_seg_BS, ((0, 0), (0, pad_s))),
+        jnp.minimum(spec.k_limit_B, s),
+    )
+    q_BTKGH = jnp.pad(q_BTNH, ((0, 0), (0, pad_t), (0, 0), (0, 0))).reshape(
+        b, nq * bq, cfg.num_kv_heads, cfg.num_groups, h
+    )
+    q_BKGTH = q_BTKGH.transpose(0, 2, 3, 1, 4)
+    k_BKSH = jnp.pad(k_BSKH, ((0, 0), (0, pad_s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    v_BKSH = jnp.pad(v_BSKH, ((0, 0), (0, pad_s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    out_BKGTH = _flash(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, nq * bq, n, h)[:, :t]
+
+
+def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """``(sin_BTH, cos_BTH)`` for the HF convention (frequencies repeated over the two halves)."""
+    inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_BTH2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_H2
+    angles_BTH = jnp.concatenate([angles_BTH2, angles_BTH2], axis=-1)
+    return jnp.sin(angles_BTH), jnp.cos(angles_BTH)
+
+
+def apply_rope(x_BTNH: jax.Array, sin_BTH: jax.Array, cos_BTH: jax.Array) -> jax.Array:
+    """``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``."""
+    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+    rotated_BTNH = jnp.concatenate([-x2, x1], axis=-1)
+    return x_BTNH * cos_BTH[:, :, None, :] + rotated_BTNH * sin_BTH[:, :, None, :]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm in fp32 with a learned scale (initialised to ones)."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        scale_D = self.param("scale", nn.initializers.ones, (x_BTD.shape[-1],), jnp.float32)
+        x_BTD = x_BTD.astype(jnp.float32)
+        return x_BTD * jax.lax.rsqrt(jnp.mean(x_BTD**2, axis=-1, keepdims=True) + self.eps) * scale_D
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RoPE, optional grouped KV heads and an optional per-layer cache."""
+
+    cfg: LlamaConfig
+    causal_skip: bool
+
+    @nn.compact
+    def __call__(self, x_BTD, sin_BTH, cos_BTH, spec: MaskSpec, write_at, layer_kv):
+        cfg = self.cfg
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        init = nn.initializers.normal(cfg.init_std)
+        wq_DNH = self.param("wq", init, (d, n, h), jnp.float32)
+        wk_DKH = self.param("wk", init, (d, k, h), jnp.float32)
+        wv_DKH = self.param("wv", init, (d, k, h), jnp.float32)
+        wo_NHD = self.param("wo", init, (n, h, d), jnp.float32)
+
+        q_BTNH = apply_rope(_matmul(cfg, "BTD,DNH->BTNH", x_BTD, wq_DNH), sin_BTH, cos_BTH)
+        k_BTKH = apply_rope(_matmul(cfg, "BTD,DKH->BTKH", x_BTD, wk_DKH), sin_BTH, cos_BTH)
+        v_BTKH = _matmul(cfg, "BTD,DKH->BTKH", x_BTD, wv_DKH)
+        if layer_kv is None:
+            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+        else:
+            k_BSKH = kvc.write(layer_kv[0], k_BTKH, *write_at)
+            v_BSKH = kvc.write(layer_kv[1], v_BTKH, *write_at)
+        out_BTNH = attention(cfg, q_BTNH, k_BSKH, v_BSKH, spec, self.causal_skip)
+        new_layer_kv = None if layer_kv is None else (k_BSKH, v_BSKH)
+        return _matmul(cfg, "BTNH,NHD->BTD", out_BTNH, wo_NHD), new_layer_kv
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        init = nn.initializers.normal(cfg.init_std)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        w_gate_DF = self.param("w_gate", init, (d, f), jnp.float32)
+        w_up_DF = self.param("w_up", init, (d, f), jnp.float32)
+        w_down_FD = self.param("w_down", init, (f, d), jnp.float32)
+        gate_BTF = _matmul(cfg, "BTD,DF->BTF", x_BTD, w_gate_DF)
+        up_BTF = _matmul(cfg, "BTD,DF->BTF", x_BTD, w_up_DF)
+        return _matmul(cfg, "BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, w_down_FD)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block, shaped for ``nn.scan``: ``(carry, layer_kv) -> (carry, new_kv)``.
+
+    ``write_at`` is ``(lengths_B, num_new_B)`` of the cache (or None); ``layer_kv`` is this layer's
+    ``(k_BSKH, v_BSKH)`` (or None).
+    """
+
+    cfg: LlamaConfig
+    causal_skip: bool
+
+    @nn.compact
+    def __call__(self, x_BTD, sin_BTH, cos_BTH, spec: MaskSpec, write_at, layer_kv):
+        cfg = self.cfg
+        h_BTD = RMSNorm(cfg.norm_eps, name="attn_norm")(x_BTD)
+        attn_BTD, new_layer_kv = Attention(cfg, self.causal_skip, name="attn")(
+            h_BTD, sin_BTH, cos_BTH, spec, write_at, layer_kv
+        )
+        x_BTD = x_BTD + attn_BTD
+        x_BTD = x_BTD + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, name="mlp_norm")(x_BTD))
+        return x_BTD, new_layer_kv
+
+
+class Llama(nn.Module):
+    """The decoder; its parameters of the blocks are stacked along a leading layer axis (``nn.scan``)."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT, spec: MaskSpec, write_at, stacked_kv):
+        cfg = self.cfg
+        init = nn.initializers.normal(cfg.init_std)
+        embedding_VD = self.param("embedding", init, (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+        x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
+        sin_BTH, cos_BTH = rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta)
+
+        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=cfg.num_layers,
+        )(cfg, causal_skip=stacked_kv is None, name="layers")
+        x_BTD, new_stacked_kv = layers(x_BTD, sin_BTH, cos_BTH, spec, write_at, stacked_kv)
+
+        x_BTD = RMSNorm(cfg.norm_eps, name="final_norm")(x_BTD)
+        lm_head_DV = self.param("lm_head", init, (cfg.hidden_size, cfg.vocab_size), jnp.float32)
+        return _matmul(cfg, "BTD,DV->BTV", x_BTD, lm_head_DV), new_stacked_kv
+
+
+def init(cfg: LlamaConfig, key: jax.Array) -> dict:
+    """Random parameters (a nested dict of fp32 arrays; block weights have a leading layer axis)."""
+    tokens_BT = jnp.zeros((1, 1), jnp.int32)
+    spec = MaskSpec(tokens_BT, tokens_BT, tokens_BT, jnp.ones((1,), jnp.int32))
+
+    def init_fn(k):
+        return Llama(cfg).init(k, tokens_BT, tokens_BT, spec, None, None)["params"]
+
+    if isinstance(key, jax.core.Tracer):  # already inside the caller's jit / eval_shape
+        return init_fn(key)
+    # Runs once: skip XLA's backend optimisations, which take seconds on the random samplers on CPU.
+    return jax.jit(init_fn, compiler_options={"xla_backend_optimization_level": 0})(key)
+
+
+def forward(
+    cfg: LlamaConfig,
+    params: dict,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: kvc.KVCache | None = None,
+    segment_ids: jax.Array | None = None,
+    *,
+    valid_lengths: jax.Array | None = None,
+) -> tuple[jax.Array, kvc.KVCache | None]:
+    """Run the decoder.
+
+    Args:
+      cfg: model config (static under jit).
+      params: parameters from :func:`init`.
+      tokens: ``[B, T]`` int32 token ids, right-padded when rows have different lengths.
+      positions: ``[B, T]`` int32 RoPE positions of the tokens.
+      cache: optional :class:`~apr_jax.model.kv_cache.KVCache` of ``B`` rows. The new tokens of row ``b``
+        are written at slots ``cache.lengths[b] ...`` and attend causally to everything before them; the
+        returned cache has ``lengths + valid_lengths``.
+      segment_ids: optional ``[B, T]`` int32 packing ids (no cache only): tokens attend only to earlier
+        tokens with the same id.
+      valid_lengths: optional ``[B]`` int32, the number of valid (left-aligned) tokens per row; the rest is
+        padding that is neither attended to nor written to the cache. Defaults to ``T`` for every row.
+
+    Returns:
+      ``(logits [B, T, V] float32, new_cache)``; ``new_cache`` is None without a cache. Logits at padding
+      positions are finite but meaningless.
+    """
+    b, t = tokens.shape
+    if positions.shape != (b, t):
+        raise ValueError(f"positions must have the shape of tokens {(b, t)}, got {positions.shape}")
+    num_new_B = jnp.full((b,), t, jnp.int32) if valid_lengths is None else jnp.asarray(valid_lengths)
+    num_new_B = num_new_B.astype(jnp.int32)
+    if num_new_B.shape != (b,):
+        raise ValueError(f"valid_lengths must have shape ({b},), got {num_new_B.shape}")
+    if cache is None:
+        seg_BT = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+        if seg_BT.shape != (b, t):
+            raise ValueError(f"segment_ids must have the shape of tokens {(b, t)}, got {seg_BT.shape}")
+        spec = MaskSpec(jnp.broadcast_to(jnp.arange(t), (b, t)), seg_BT, seg_BT, num_new_B)
+        logits_BTV, _ = Llama(cfg).apply({"params": params}, tokens, positions, spec, None, None)
+        return logits_BTV, None
+
+    if segment_ids is not None:
+        raise ValueError("segment_ids (packing) is not supported together with a KV cache")
+    if cache.batch_size != b or cache.k.shape[0] != cfg.num_layers:
+        raise ValueError(
+            f"cache has {cache.k.shape[0]} layers x {cache.batch_size} rows; expected "
+            f"{cfg.num_layers} layers x {b} rows"
+        )
+    s = cache.max_len
+    spec = MaskSpec(
+        q_slot_BT=cache.lengths[:, None] + jnp.arange(t)[None, :],
+        q_seg_BT=jnp.zeros((b, t), jnp.int32),
+        k_seg_BS=jnp.zeros((b, s), jnp.int32),
+        k_limit_B=cache.lengths + num_new_B,
+    )
+    write_at = (cache.lengths, num_new_B)
+    logits_BTV, (k, v) = Llama(cfg).apply(
+        {"params": params}, tokens, positions, spec, write_at, (cache.k, cache.v)
+    )
+    return logits_BTV, kvc.KVCache(k=k, v=v, lengths=jnp.minimum(cache.lengths + num_new_B, s))
