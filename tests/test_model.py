@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apr_jax.model import config, kv_cache, llama
+from apr_jax.model import attention as attention_lib, config, kv_cache, llama
 
 VOCAB = 64
 CFG = config.tiny(VOCAB)
@@ -111,12 +111,12 @@ def test_blockwise_attention_matches_reference_with_gradients():
     v = jax.random.normal(keys[2], (b, t, k, h))
     seg = jnp.asarray(np.repeat([[0, 1, 2]], [10, 12, 7], axis=1).repeat(b, 0), jnp.int32)
     limit = jnp.array([t, 23], jnp.int32)
-    spec = llama.MaskSpec(jnp.broadcast_to(jnp.arange(t), (b, t)), seg, seg, limit)
+    spec = attention_lib.MaskSpec(jnp.broadcast_to(jnp.arange(t), (b, t)), seg, seg, limit)
     mask = (seg[:, :, None] == seg[:, None, :]) & (jnp.arange(t)[None, None, :] < limit[:, None, None])
     weights = jax.random.normal(jax.random.key(4), (b, t, n, h))
 
     def ours(q, kk, v):
-        return llama.attention(SMALL_BLOCKS, q, kk, v, spec, causal_skip=True)
+        return attention_lib.attention(SMALL_BLOCKS, q, kk, v, spec, causal_skip=True)
 
     def reference(q, kk, v):
         return jax.nn.dot_product_attention(q, kk, v, mask=mask[:, None], is_causal=True)

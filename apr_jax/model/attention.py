@@ -1,0 +1,198 @@
+"""Exact blockwise ("flash") attention for CPU and accelerators, with grouped KV heads.
+
+Online softmax in a ``lax.scan`` over (query block, key block) pairs, with a FlashAttention-2 custom VJP
+that recomputes each block's probabilities from the saved log-sum-exp, so no more than one
+``cfg.attention_block``-sized block of scores exists at a time, forward or backward. Without a cache, key
+blocks after a query block are skipped. Measurements against ``jax.nn.dot_product_attention``: docs/model.md.
+
+Shape suffixes: B batch, T queries (Q: one query block), S key slots (C: one key block), N query heads,
+K kv heads, G = N // K, H head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from apr_jax.model.config import LlamaConfig
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def compute_dtype(cfg: LlamaConfig):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def matmul(cfg: LlamaConfig, subscripts: str, x, w) -> jax.Array:
+    """einsum in the compute dtype with fp32 accumulation and an fp32 result."""
+    dtype = compute_dtype(cfg)
+    return jnp.einsum(subscripts, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class MaskSpec(NamedTuple):
+    """What each query may attend to, kept as 1-D descriptors so masks are built one block at a time.
+
+    Key slot ``s`` is visible to query ``t`` of row ``b`` iff ``s <= q_slot_BT[b, t]`` (causal),
+    ``s < k_limit_B[b]`` (valid) and ``q_seg_BT[b, t] == k_seg_BS[b, s]`` (same packed segment).
+    A query that sees no key gets a zero output.
+    """
+
+    q_slot_BT: jax.Array
+    q_seg_BT: jax.Array
+    k_seg_BS: jax.Array
+    k_limit_B: jax.Array
+
+
+class _Blocks(NamedTuple):
+    """Static tiling: query block ``bq``, key block ``bk`` and the visited (query, key) block pairs."""
+
+    bq: int
+    bk: int
+    pairs: tuple[tuple[int, int], ...]  # query-block major, key blocks ascending from 0
+
+
+def _block_inputs(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec, i, j):
+    """Slices of query block ``i`` and key block ``j``, their fp32 scores and visibility mask."""
+    bq, bk = blocks.bq, blocks.bk
+    q_BKGQH = jax.lax.dynamic_slice_in_dim(q_BKGTH, i * bq, bq, axis=3)
+    k_BKCH = jax.lax.dynamic_slice_in_dim(k_BKSH, j * bk, bk, axis=2)
+    v_BKCH = jax.lax.dynamic_slice_in_dim(v_BKSH, j * bk, bk, axis=2)
+    q_slot_BQ = jax.lax.dynamic_slice_in_dim(spec.q_slot_BT, i * bq, bq, axis=1)
+    q_seg_BQ = jax.lax.dynamic_slice_in_dim(spec.q_seg_BT, i * bq, bq, axis=1)
+    k_seg_BC = jax.lax.dynamic_slice_in_dim(spec.k_seg_BS, j * bk, bk, axis=1)
+    k_slot_C = j * bk + jnp.arange(bk)
+    mask_BQC = (
+        (k_slot_C[None, None, :] <= q_slot_BQ[:, :, None])
+        & (k_slot_C[None, None, :] < spec.k_limit_B[:, None, None])
+        & (q_seg_BQ[:, :, None] == k_seg_BC[:, None, :])
+    )
+    scale = q_BKGTH.shape[-1] ** -0.5
+    scores_BKGQC = matmul(cfg, "BKGQH,BKCH->BKGQC", q_BKGQH, k_BKCH) * scale
+    return q_BKGQH, k_BKCH, v_BKCH, scores_BKGQC, mask_BQC[:, None, None]
+
+
+def _flash_forward(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec):
+    """Online-softmax attention over the block pairs; returns the output and the log-sum-exp."""
+    b, kh, g, t, h = q_BKGTH.shape
+    bq = blocks.bq
+
+    def step(carry, ij):
+        m_BKGQ, l_BKGQ, acc_BKGQH, out_BKGTH, lse_BKGT = carry
+        i, j = ij[0], ij[1]
+        fresh = j == 0  # first key block of a new query block
+        m_BKGQ = jnp.where(fresh, _MASK_VALUE, m_BKGQ)
+        l_BKGQ = jnp.where(fresh, 0.0, l_BKGQ)
+        acc_BKGQH = jnp.where(fresh, 0.0, acc_BKGQH)
+        _, _, v_BKCH, scores_BKGQC, mask = _block_inputs(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec, i, j)
+        scores_BKGQC = jnp.where(mask, scores_BKGQC, _MASK_VALUE)
+        m_new_BKGQ = jnp.maximum(m_BKGQ, scores_BKGQC.max(axis=-1))
+        p_BKGQC = jnp.where(mask, jnp.exp(scores_BKGQC - m_new_BKGQ[..., None]), 0.0)
+        correction_BKGQ = jnp.exp(m_BKGQ - m_new_BKGQ)
+        l_BKGQ = l_BKGQ * correction_BKGQ + p_BKGQC.sum(axis=-1)
+        pv_BKGQH = matmul(cfg, "BKGQC,BKCH->BKGQH", p_BKGQC, v_BKCH)
+        acc_BKGQH = acc_BKGQH * correction_BKGQ[..., None] + pv_BKGQH
+        # Rewritten at every key block; the last write of a query block is the final value.
+        out_BKGQH = acc_BKGQH / jnp.maximum(l_BKGQ, 1e-30)[..., None]
+        lse_BKGQ = jnp.where(l_BKGQ > 0, m_new_BKGQ + jnp.log(jnp.maximum(l_BKGQ, 1e-30)), 0.0)
+        out_BKGTH = jax.lax.dynamic_update_slice_in_dim(out_BKGTH, out_BKGQH, i * bq, axis=3)
+        lse_BKGT = jax.lax.dynamic_update_slice_in_dim(lse_BKGT, lse_BKGQ, i * bq, axis=3)
+        return (m_new_BKGQ, l_BKGQ, acc_BKGQH, out_BKGTH, lse_BKGT), None
+
+    init = (
+        jnp.full((b, kh, g, bq), _MASK_VALUE),
+        jnp.zeros((b, kh, g, bq)),
+        jnp.zeros((b, kh, g, bq, h)),
+        jnp.zeros((b, kh, g, t, h)),
+        jnp.zeros((b, kh, g, t)),
+    )
+    carry, _ = jax.lax.scan(step, init, jnp.asarray(blocks.pairs, jnp.int32))
+    return carry[3], carry[4]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec):
+    return _flash_forward(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec)[0]
+
+
+def _flash_fwd(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec):
+    out_BKGTH, lse_BKGT = _flash_forward(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec)
+    return out_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, spec, out_BKGTH, lse_BKGT)
+
+
+def _flash_bwd(cfg, blocks, residuals, dout_BKGTH):
+    """FlashAttention-2 backward: recompute each block's probabilities from the saved log-sum-exp."""
+    q_BKGTH, k_BKSH, v_BKSH, spec, out_BKGTH, lse_BKGT = residuals
+    bq, bk = blocks.bq, blocks.bk
+    delta_BKGT = jnp.sum(dout_BKGTH * out_BKGTH, axis=-1)
+    scale = q_BKGTH.shape[-1] ** -0.5
+
+    def step(carry, ij):
+        dq_BKGTH, dk_BKSH, dv_BKSH = carry
+        i, j = ij[0], ij[1]
+        q_BKGQH, k_BKCH, v_BKCH, scores_BKGQC, mask = _block_inputs(
+            cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec, i, j
+        )
+        lse_BKGQ = jax.lax.dynamic_slice_in_dim(lse_BKGT, i * bq, bq, axis=3)
+        delta_BKGQ = jax.lax.dynamic_slice_in_dim(delta_BKGT, i * bq, bq, axis=3)
+        dout_BKGQH = jax.lax.dynamic_slice_in_dim(dout_BKGTH, i * bq, bq, axis=3)
+        p_BKGQC = jnp.where(mask, jnp.exp(scores_BKGQC - lse_BKGQ[..., None]), 0.0)
+        dp_BKGQC = matmul(cfg, "BKGQH,BKCH->BKGQC", dout_BKGQH, v_BKCH)
+        ds_BKGQC = p_BKGQC * (dp_BKGQC - delta_BKGQ[..., None]) * scale
+        dq_BKGQH = matmul(cfg, "BKGQC,BKCH->BKGQH", ds_BKGQC, k_BKCH)
+        dk_BKCH = matmul(cfg, "BKGQC,BKGQH->BKCH", ds_BKGQC, q_BKGQH)
+        dv_BKCH = matmul(cfg, "BKGQC,BKGQH->BKCH", p_BKGQC, dout_BKGQH)
+
+        def add(total, part, start, axis):
+            current = jax.lax.dynamic_slice_in_dim(total, start, part.shape[axis], axis=axis)
+            return jax.lax.dynamic_update_slice_in_dim(total, current + part, start, axis=axis)
+
+        return (
+            add(dq_BKGTH, dq_BKGQH, i * bq, 3),
+            add(dk_BKSH, dk_BKCH, j * bk, 2),
+            add(dv_BKSH, dv_BKCH, j * bk, 2),
+        ), None
+
+    init = (jnp.zeros_like(q_BKGTH), jnp.zeros_like(k_BKSH), jnp.zeros_like(v_BKSH))
+    (dq, dk, dv), _ = jax.lax.scan(step, init, jnp.asarray(blocks.pairs, jnp.int32))
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def attention(cfg: LlamaConfig, q_BTNH, k_BSKH, v_BSKH, spec: MaskSpec, causal_skip: bool) -> jax.Array:
+    """Exact blockwise (flash) attention with GQA; never builds more than one block of scores.
+
+    ``causal_skip`` declares that query ``t`` sits at key slot ``t`` (no cache), so key blocks after a
+    query block are skipped. With a cache, short query sets (decode) use one wide key block.
+    """
+    b, t, n, h = q_BTNH.shape
+    s = k_BSKH.shape[1]
+    bq = min(t, cfg.attention_block)
+    nq = -(-t // bq)
+    if causal_skip:
+        bk, nk = bq, nq
+    else:  # as few key blocks as a tile of about attention_block**2 scores allows, evenly sized
+        nk = -(-s // max(cfg.attention_block, cfg.attention_block**2 // bq))
+        bk = -(-s // nk)
+    pairs = tuple((i, j) for i in range(nq) for j in range(nk) if not causal_skip or j <= i)
+    blocks = _Blocks(bq, bk, pairs)
+
+    pad_t, pad_s = nq * bq - t, nk * bk - s
+    spec = MaskSpec(
+        jnp.pad(spec.q_slot_BT, ((0, 0), (0, pad_t)), constant_values=-1),
+        jnp.pad(spec.q_seg_BT, ((0, 0), (0, pad_t))),
+        jnp.pad(spec.k_seg_BS, ((0, 0), (0, pad_s))),
+        jnp.minimum(spec.k_limit_B, s),
+    )
+    q_BTKGH = jnp.pad(q_BTNH, ((0, 0), (0, pad_t), (0, 0), (0, 0))).reshape(
+        b, nq * bq, cfg.num_kv_heads, cfg.num_groups, h
+    )
+    q_BKGTH = q_BTKGH.transpose(0, 2, 3, 1, 4)
+    k_BKSH = jnp.pad(k_BSKH, ((0, 0), (0, pad_s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    v_BKSH = jnp.pad(v_BSKH, ((0, 0), (0, pad_s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    out_BKGTH = _flash(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, nq * bq, n, h)[:, :t]
