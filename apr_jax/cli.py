@@ -76,6 +76,69 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from apr_jax.train import sft
+
+    preset = _apply_sets(presets.load(args.preset), args.set)
+    changes = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed))
+               if v is not None}
+    if args.steps is not None:
+        changes["epochs"] = None
+    train_cfg = dataclasses.replace(preset.train, **changes)
+    summary = sft.train(preset.model, train_cfg, args.data, args.method, args.out, resume=args.resume,
+                        preset=preset.name)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from apr_jax.export import hf
+    from apr_jax.train.checkpoint import load_run
+
+    model_cfg, params = load_run(args.ckpt, step=args.step)
+    tokenizer = Path(args.ckpt) / "tokenizer.json"
+    out = hf.export_hf(model_cfg, params, args.out, tokenizer_json_path=tokenizer if tokenizer.exists() else None)
+    print(f"exported {args.ckpt} -> {Path(out if out else args.out).resolve()}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """First accuracy figures with the plain greedy decoder (the batched engine supersedes it)."""
+    import functools
+
+    from apr_jax.data import datasets, tokenizer as tokenization
+    from apr_jax.inference import runtime
+    from apr_jax.inference.generate import greedy_generate
+    from apr_jax.train.checkpoint import load_run, read_run_config
+
+    model_cfg, params = load_run(args.ckpt)
+    tok = tokenization.load_tokenizer(Path(args.ckpt) / "tokenizer.json")
+    pad, bos, eos = tokenization.special_ids(tok)
+    if args.problems:
+        problems = datasets.load_records(args.problems)
+    else:
+        data_dir = Path(read_run_config(args.ckpt)["data_dir"])
+        problems = list(datasets.read_jsonl(data_dir / "problems_val.jsonl"))
+    problems = problems[:args.n_problems]
+    gen = functools.partial(greedy_generate, model_cfg, params, eos_id=eos, pad_id=pad, batch_size=args.batch_size)
+    codec = runtime.Codec(tok, bos, eos)
+    context = args.context or model_cfg.max_seq_len
+    t0 = time.perf_counter()
+    solve = runtime.solve_apr if args.mode == "apr" else runtime.solve_sosp
+    results = solve(lambda prompts, n: gen(prompts, n), codec, problems, context)
+    wall = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in results))
+    n = len(results)
+    summary = {"mode": args.mode, "problems": n, "accuracy": runtime.accuracy(results),
+               "mean_total_tokens": sum(r.total_tokens for r in results) / max(n, 1),
+               "mean_sequential_tokens": sum(r.sequential_tokens for r in results) / max(n, 1),
+               "mean_children": sum(r.children for r in results) / max(n, 1), "wall_s": round(wall, 1)}
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_info(args) -> int:
     preset = _apply_sets(presets.load(args.preset), args.set)
     for stage in ("data", "model", "train"):
@@ -128,6 +191,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--number-mode", choices=("digits", "integers"), default="digits")
     p.set_defaults(fn=cmd_import)
 
+    p = sub.add_parser("train", help="supervised fine-tuning on a dataset's token arrays")
+    _add_preset(p)
+    p.add_argument("--method", choices=("apr", "sosp"), required=True)
+    p.add_argument("--data", required=True, help="a folder written by `apr-jax data`")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, loss.png)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("export", help="write a run's parameters as a Hugging Face Llama directory")
+    p.add_argument("--ckpt", required=True, help="run folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("eval", help="greedy accuracy of a run on validation problems (APR or SoS+)")
+    p.add_argument("--ckpt", required=True, help="run folder")
+    p.add_argument("--mode", choices=("apr", "sosp"), required=True)
+    p.add_argument("--n-problems", type=int, default=200)
+    p.add_argument("--problems", help="JSON or JSONL list of problems with nums and target (default: the "
+                   "run's validation split)")
+    p.add_argument("--context", type=int, help="tokens per thread (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="per-problem results (JSON Lines)")
+    p.set_defaults(fn=cmd_eval)
+
     p = sub.add_parser("info", help="print a preset's configs and parameter counts")
     _add_preset(p)
     p.set_defaults(fn=cmd_info)
@@ -143,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # JAX's persistent compilation cache: a resumed run or a second process skips recompiling its steps
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "apr_jax" / "jax"))
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError) as err:

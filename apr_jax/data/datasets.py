@@ -21,6 +21,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -223,7 +224,9 @@ def _demo_chunk(args: tuple) -> tuple[str, int, int]:
 
 
 def _pool(workers: int, initializer=None, initargs=()):
-    ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+    # fork is cheapest, but forking a process that runs JAX's threads can deadlock: then use forkserver
+    method = "fork" if hasattr(os, "fork") and "jax" not in sys.modules else "forkserver"
+    ctx = mp.get_context(method if method in mp.get_all_start_methods() else "spawn")
     return ctx.Pool(workers, initializer=initializer, initargs=initargs)
 
 

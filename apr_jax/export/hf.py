@@ -133,7 +133,7 @@ def _write_tokenizer(tokenizer_json_path: str, out_dir: str, ids: dict, max_len:
     """Copy ``tokenizer.json`` and describe it as a ``PreTrainedTokenizerFast`` with Llama-2 specials."""
     import tokenizers
 
-    tokenizer = tokenizers.Tokenizer.from_file(tokenizer_json_path)
+    tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_json_path))
     for role, token in SPECIAL_TOKENS.items():
         token_id = tokenizer.token_to_id(token)
         if token_id is None:
