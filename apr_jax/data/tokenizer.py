@@ -133,40 +133,33 @@ class FastEncoder:
             self._number = re.compile(rf"(?<!\d)(?:[1-9]\d{{0,{self.max_int_digits - 1}}}|0)(?!\d)")
         self._lut = lut
 
-    def encode(self, text: str):
-        """Token ids (np.int32) of ``text`` with no special tokens."""
-        np = self._np
+    def _codes(self, text: str):
+        """Code points of ``text`` after replacing phrases (and integers) by their private code points."""
         for k, phrase in enumerate(self._phrases):
             if phrase in text:
                 text = text.replace(phrase, chr(self._PHRASE_BASE + k))
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).copy()
-        if self.integers:
-            codes = self._merge_integers(codes)
+        codes = self._np.frombuffer(text.encode("utf-32-le"), dtype=self._np.uint32).copy()
+        return self._merge_integers(codes) if self.integers else codes
+
+    def _lookup(self, codes):
         codes[(codes >= len(self._lut)) | (codes == 0)] = 0
         ids = self._lut[codes]
         ids[codes == 0] = UNK_ID
         return ids
 
+    def encode(self, text: str):
+        """Token ids (np.int32) of ``text`` with no special tokens."""
+        return self._lookup(self._codes(text))
+
     def encode_many(self, texts: list[str]) -> list:
         """``[encode(t) for t in texts]`` in one vectorised pass (texts joined by a sentinel code point)."""
         np = self._np
-        if not texts:
-            return []
         sentinel = chr(self._PHRASE_BASE + 0xFF)
-        if any(sentinel in t for t in texts):
+        if not texts or any(sentinel in t for t in texts):
             return [self.encode(t) for t in texts]
-        joined = sentinel.join(texts)
-        for k, phrase in enumerate(self._phrases):
-            if phrase in joined:
-                joined = joined.replace(phrase, chr(self._PHRASE_BASE + k))
-        codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).copy()
-        if self.integers:
-            codes = self._merge_integers(codes)
+        codes = self._codes(sentinel.join(texts))
         cuts = np.flatnonzero(codes == ord(sentinel))
-        codes[cuts] = 0
-        codes[(codes >= len(self._lut)) | (codes == 0)] = 0
-        ids = self._lut[codes]
-        ids[codes == 0] = UNK_ID
+        ids = self._lookup(codes)  # the sentinels become <unk> and are cut out below
         bounds = np.concatenate([[-1], cuts, [len(ids)]])
         return [ids[bounds[i] + 1:bounds[i + 1]] for i in range(len(texts))]
 
