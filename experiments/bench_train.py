@@ -304,7 +304,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--attention-block", type=int, default=0, help="override the model config's attention_block")
     p.add_argument("--no-attention", action="store_true", help="ablation: attention = identity (jax only)")
-    p.add_argument("--flat-matmul", action="store_true", help="experiment: 2-D dots in the model (jax only)")
+    p.add_argument("--flat-matmul", action="store_true", help="2-D dots in the model (now the model's default; kept for older checkouts)")
     p.add_argument("--xla-flags", default=os.environ.get("XLA_FLAGS", ""), help="XLA_FLAGS for the jax worker")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--interleave", action="store_true",
