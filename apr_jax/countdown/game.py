@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import re
 from typing import Sequence
+
+from apr_jax.countdown import traces
 
 
 def combine(a: int, b: int) -> list[tuple[int, str]]:
@@ -94,11 +95,6 @@ def solvable(nums: Sequence[int], target: int) -> bool:
 # Verification
 # ----------------------------------------------------------------------------------------------------------
 
-_EXPLORE = re.compile(r"Exploring Operation: (\d+)([+\-*/])(\d+)=(\d+), Resulting Numbers: \[([0-9, ]*)\]")
-_STATE = re.compile(r"Current State: (\d+):\[([0-9, ]*)\], Operations: ")
-_GOAL = re.compile(r"(\d+),(\d+) equal: Goal Reached")
-
-
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """Outcome of a verification: ``ok`` and, when not ok, the reason in words."""
@@ -108,16 +104,6 @@ class Verdict:
 
     def __bool__(self) -> bool:
         return self.ok
-
-
-def _parse_list(text: str) -> list[int] | None:
-    text = text.strip()
-    if not text:
-        return []
-    try:
-        return [int(x) for x in text.split(", ")]
-    except ValueError:
-        return None
 
 
 def _apply(x: int, op: str, y: int) -> tuple[int | None, str]:
@@ -154,22 +140,21 @@ def _verify_path(nums: list[int], target: int, path: str) -> Verdict:
         return Verdict(False, "empty solution path")
     current = sorted(nums)
     steps = 0
-    for line in path.split("\n"):
-        if line.startswith("Current State: "):
-            m = _STATE.match(line)
-            if not m:
-                return Verdict(False, f"malformed state line {line!r}")
-            state = _parse_list(m.group(2))
-            if int(m.group(1)) != target:
-                return Verdict(False, f"state names target {m.group(1)}, expected {target}")
-            if state is None or sorted(state) != current:
-                return Verdict(False, f"state {m.group(2)!r} is not the current numbers {current}")
-        elif line.startswith("Exploring Operation: "):
-            m = _EXPLORE.fullmatch(line)
-            if not m:
-                return Verdict(False, f"malformed operation line {line!r}")
-            x, op, y, z = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-            stated = _parse_list(m.group(5))
+    for text in path.split("\n"):
+        try:
+            line = traces.parse_line(text)
+        except traces.TraceFormatError:
+            if text.startswith((traces.CURRENT_STATE, traces.EXPLORING)) or traces.GOAL_REACHED in text:
+                return Verdict(False, f"malformed line {text!r}")
+            continue  # lines outside the grammar carry no arithmetic
+        if line.kind == "state":
+            state_target, state, _ = line.fields
+            if state_target != target:
+                return Verdict(False, f"state names target {state_target}, expected {target}")
+            if sorted(state) != current:
+                return Verdict(False, f"state {list(state)} is not the current numbers {current}")
+        elif line.kind == "exploring":
+            x, op, y, z = traces.parse_operation(line.fields[0])
             pool = list(current)
             for operand in (x, y):
                 if operand not in pool:
@@ -181,18 +166,15 @@ def _verify_path(nums: list[int], target: int, path: str) -> Verdict:
             if value != z:
                 return Verdict(False, f"wrong arithmetic {x}{op}{y}={z} (is {value})")
             pool.append(value)
-            if stated is None or sorted(stated) != sorted(pool):
-                return Verdict(False, f"resulting numbers {m.group(5)!r} should be {sorted(pool)}")
+            if sorted(line.fields[1]) != sorted(pool):
+                return Verdict(False, f"resulting numbers {list(line.fields[1])} should be {sorted(pool)}")
             current = sorted(pool)
             steps += 1
-        elif "equal: Goal Reached" in line:
-            m = _GOAL.fullmatch(line)
-            if not m:
-                return Verdict(False, f"malformed goal line {line!r}")
+        elif line.kind == "goal":
             if steps == 0:
                 return Verdict(False, "goal claimed before any operation")
-            if int(m.group(2)) != target or int(m.group(1)) != target:
-                return Verdict(False, f"goal line {line!r} does not name the target {target}")
+            if line.fields != (target, target):
+                return Verdict(False, f"goal line {text!r} does not name the target {target}")
             if current != [target]:
                 return Verdict(False, f"goal claimed with numbers {current}, not [{target}]")
             return Verdict(True, "valid")

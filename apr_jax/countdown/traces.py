@@ -446,6 +446,17 @@ def parse_line(line: str) -> Line:
     raise TraceFormatError(f"line outside the trace grammar: {line!r}")
 
 
+_OPERATION_RE = re.compile(r"(\d+)([+\-*/])(\d+)=(\d+)")
+
+
+def parse_operation(op: str) -> tuple[int, str, int, int]:
+    """``'53-22=31'`` -> ``(53, '-', 22, 31)``. Raises TraceFormatError for anything else."""
+    m = _OPERATION_RE.fullmatch(op)
+    if not m:
+        raise TraceFormatError(f"malformed operation {op!r}")
+    return int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+
+
 def render_line(line: Line) -> str:
     """Inverse of :func:`parse_line` (without the newline)."""
     f, k = line.fields, line.kind
