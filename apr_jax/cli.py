@@ -125,7 +125,7 @@ def cmd_eval(args) -> int:
     context = args.context or model_cfg.max_seq_len
     t0 = time.perf_counter()
     solve = runtime.solve_apr if args.mode == "apr" else runtime.solve_sosp
-    results = solve(lambda prompts, n: gen(prompts, n), codec, problems, context)
+    results = solve(gen, codec, problems, context)
     wall = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

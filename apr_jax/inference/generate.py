@@ -21,9 +21,12 @@ def _bucket(n: int, quantum: int) -> int:
     return max(quantum, -(-n // quantum) * quantum)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "cache_len"))
-def _generate(cfg: LlamaConfig, params, tokens_BP, lengths_B, max_new_tokens: int, cache_len: int, eos_id):
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
+def _generate(cfg: LlamaConfig, params, tokens_BP, lengths_B, max_new_B, cache_len: int, eos_id):
+    """``max_new_B`` is a traced scalar: the output buffer is ``cache_len - prompt_len`` wide, so shapes (and
+    compilations) depend only on the prompt bucket and the cache length, never on the token budget."""
     batch, prompt_len = tokens_BP.shape
+    max_new_tokens = cache_len - prompt_len
     cache = init_cache(cfg, batch, cache_len)
     positions_BP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
     logits_BPV, cache = forward(cfg, params, tokens_BP, positions_BP, cache, valid_lengths=lengths_B)
@@ -34,7 +37,7 @@ def _generate(cfg: LlamaConfig, params, tokens_BP, lengths_B, max_new_tokens: in
 
     def cond(state):
         step, _, _, done_B, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done_B)
+        return (step < max_new_B) & ~jnp.all(done_B)
 
     def body(state):
         step, cache, token_B, done_B, out_BN = state
@@ -62,7 +65,7 @@ def greedy_generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], 
             raise ValueError("every prompt needs at least one token (BOS)")
         longest = max(len(p) for p in chunk)
         prompt_len = _bucket(longest, quantum)
-        cache_len = min(_bucket(prompt_len + max_new_tokens, quantum), max(cfg.max_seq_len, prompt_len))
+        cache_len = max(cfg.max_seq_len, prompt_len + quantum)
         new = min(max_new_tokens, cache_len - longest)
         if new <= 0:
             raise ValueError(f"prompt of {longest} tokens leaves no room in a {cfg.max_seq_len}-token context")
@@ -72,8 +75,8 @@ def greedy_generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], 
         for i, p in enumerate(chunk):
             tokens[i, :len(p)] = p
             lengths[i] = len(p)
-        gen = np.asarray(_generate(cfg, params, jnp.asarray(tokens), jnp.asarray(lengths), new, cache_len,
-                                   jnp.int32(eos_id)))
+        gen = np.asarray(_generate(cfg, params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.int32(new),
+                                   cache_len, jnp.int32(eos_id)))[:, :new]
         for i in range(rows):
             row = gen[i].tolist()
             out.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
