@@ -116,7 +116,7 @@ def test_blockwise_attention_matches_reference_with_gradients():
     weights = jax.random.normal(jax.random.key(4), (b, t, n, h))
 
     def ours(q, kk, v):
-        return attention_lib.attention(SMALL_BLOCKS, q, kk, v, spec, causal_skip=True)
+        return attention_lib.attention(SMALL_BLOCKS, q, kk, v, spec)
 
     def reference(q, kk, v):
         return jax.nn.dot_product_attention(q, kk, v, mask=mask[:, None], is_causal=True)
@@ -248,8 +248,9 @@ def test_truncate_never_extends_and_accepts_indices():
 
 
 def test_cache_write_drops_overflow_instead_of_clamping():
-    layer = jnp.zeros((2, 6, 1, 1))
+    cache = jnp.zeros((2, 2, 6, 1, 1))  # two layers; only layer 1 is written
     new = jnp.arange(1, 5, dtype=jnp.float32).reshape(1, 4, 1, 1).repeat(2, 0)
-    out = jit(kv_cache.write)(layer, new, jnp.array([4, 0]), jnp.array([4, 2]))
-    np.testing.assert_array_equal(out[0, :, 0, 0], [0, 0, 0, 0, 1, 2])  # slots 6, 7 fall off the end
-    np.testing.assert_array_equal(out[1, :, 0, 0], [1, 2, 0, 0, 0, 0])  # padding is not written
+    out = jit(kv_cache.write)(cache, 1, new, jnp.array([4, 0]), jnp.array([4, 2]))
+    np.testing.assert_array_equal(out[1, 0, :, 0, 0], [0, 0, 0, 0, 1, 2])  # slots 6, 7 fall off the end
+    np.testing.assert_array_equal(out[1, 1, :, 0, 0], [1, 2, 0, 0, 0, 0])  # padding is not written
+    np.testing.assert_array_equal(out[0], 0.0)

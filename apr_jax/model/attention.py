@@ -2,11 +2,13 @@
 
 Online softmax in a ``lax.scan`` over (query block, key block) pairs, with a FlashAttention-2 custom VJP
 that recomputes each block's probabilities from the saved log-sum-exp, so no more than one
-``cfg.attention_block``-sized block of scores exists at a time, forward or backward. Without a cache, key
-blocks after a query block are skipped. Measurements against ``jax.nn.dot_product_attention``: docs/model.md.
+``cfg.attention_block``-sized block of scores exists at a time, forward or backward; key blocks after a
+query block are skipped (:func:`attention`, training and full forwards). Inference over a KV cache uses
+:func:`cached_attention`, which reads key blocks straight out of the stacked cache and visits only the blocks
+that hold valid keys. Measurements against ``jax.nn.dot_product_attention``: docs/model.md.
 
-Shape suffixes: B batch, T queries (Q: one query block), S key slots (C: one key block), N query heads,
-K kv heads, G = N // K, H head dim.
+Shape suffixes: L layers, B batch, T queries (Q: one query block), S key slots (C: one key block), N query
+heads, K kv heads, G = N // K, H head dim.
 """
 
 from __future__ import annotations
@@ -177,36 +179,96 @@ def _flash_bwd(cfg, blocks, residuals, dout_BKGTH):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def attention(cfg: LlamaConfig, q_BTNH, k_BSKH, v_BSKH, spec: MaskSpec, causal_skip: bool) -> jax.Array:
-    """Exact blockwise (flash) attention with GQA; never builds more than one block of scores.
+def attention(cfg: LlamaConfig, q_BTNH, k_BTKH, v_BTKH, spec: MaskSpec) -> jax.Array:
+    """Exact blockwise (flash) causal self-attention with GQA over a whole sequence (no cache).
 
-    ``causal_skip`` declares that query ``t`` sits at key slot ``t`` (no cache), so key blocks after a
-    query block are skipped. With a cache, short query sets (decode) use one wide key block.
+    Query ``t`` sits at key slot ``t``, so key blocks after a query block are skipped; never builds more
+    than one ``cfg.attention_block``-sized block of scores. Differentiable (FlashAttention-2 backward).
     """
     b, t, n, h = q_BTNH.shape
-    s = k_BSKH.shape[1]
     bq = min(t, cfg.attention_block)
     nq = -(-t // bq)
-    if causal_skip:
-        bk, nk = bq, nq
-    else:  # as few key blocks as a tile of about attention_block**2 scores allows, evenly sized
-        nk = -(-s // max(cfg.attention_block, cfg.attention_block**2 // bq))
-        bk = -(-s // nk)
-    pairs = tuple((i, j) for i in range(nq) for j in range(nk) if not causal_skip or j <= i)
-    blocks = _Blocks(bq, bk, pairs)
+    pairs = tuple((i, j) for i in range(nq) for j in range(i + 1))
+    blocks = _Blocks(bq, bq, pairs)
 
-    pad_t, pad_s = nq * bq - t, nk * bk - s
+    pad_t = nq * bq - t
     spec = MaskSpec(
         jnp.pad(spec.q_slot_BT, ((0, 0), (0, pad_t)), constant_values=-1),
         jnp.pad(spec.q_seg_BT, ((0, 0), (0, pad_t))),
-        jnp.pad(spec.k_seg_BS, ((0, 0), (0, pad_s))),
-        jnp.minimum(spec.k_limit_B, s),
+        jnp.pad(spec.k_seg_BS, ((0, 0), (0, pad_t))),
+        jnp.minimum(spec.k_limit_B, t),
     )
     q_BTKGH = jnp.pad(q_BTNH, ((0, 0), (0, pad_t), (0, 0), (0, 0))).reshape(
         b, nq * bq, cfg.num_kv_heads, cfg.num_groups, h
     )
     q_BKGTH = q_BTKGH.transpose(0, 2, 3, 1, 4)
-    k_BKSH = jnp.pad(k_BSKH, ((0, 0), (0, pad_s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    v_BKSH = jnp.pad(v_BSKH, ((0, 0), (0, pad_s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    k_BKSH = jnp.pad(k_BTKH, ((0, 0), (0, pad_t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    v_BKSH = jnp.pad(v_BTKH, ((0, 0), (0, pad_t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     out_BKGTH = _flash(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec)
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, nq * bq, n, h)[:, :t]
+
+
+# Keys per block when a handful of queries (decode) reads the cache (measured: docs/inference.md).
+DECODE_KEY_BLOCK = 128
+
+
+def cached_attention(cfg: LlamaConfig, q_BTNH, k_LBSKH, v_LBSKH, layer, spec: MaskSpec) -> jax.Array:
+    """Attention of new queries over one layer of a KV cache, read in place (inference only).
+
+    ``k_LBSKH`` / ``v_LBSKH`` are the whole stacked cache (all layers, new keys already written) and
+    ``layer`` the (traced) layer index: key blocks are sliced straight out of it, so a decode step never
+    copies, pads or transposes the whole cache. Key blocks run in a ``fori_loop`` whose trip count is
+    traced: only the blocks below the longest row's valid length are read, so a step costs what the rows
+    hold, not what the cache could hold. Queries go in blocks of ``cfg.attention_block`` (``lax.map``).
+    Not reverse-differentiable (the trip count is dynamic); training uses :func:`attention`.
+    """
+    b, t, n, h = q_BTNH.shape
+    s = k_LBSKH.shape[2]
+    kh, g = cfg.num_kv_heads, cfg.num_groups
+    bq = min(t, cfg.attention_block)
+    nq = -(-t // bq)
+    bk = min(s, cfg.attention_block if bq > 8 else DECODE_KEY_BLOCK)
+    pad_t = nq * bq - t
+    scale = h**-0.5
+
+    def per_block(x_BT, fill):  # [B, T] -> [nq, B, bq]
+        return jnp.pad(x_BT, ((0, 0), (0, pad_t)), constant_values=fill).reshape(b, nq, bq).swapaxes(0, 1)
+
+    q_nBQKGH = jnp.pad(q_BTNH, ((0, 0), (0, pad_t), (0, 0), (0, 0))).reshape(b, nq, bq, kh, g, h).swapaxes(0, 1)
+    q_slot_nBQ, q_seg_nBQ = per_block(spec.q_slot_BT, -1), per_block(spec.q_seg_BT, 0)
+    k_limit_B = jnp.minimum(spec.k_limit_B, s)
+    num_key_blocks = (jnp.max(k_limit_B) + bk - 1) // bk
+
+    def query_block(args):
+        q_BQKGH, q_slot_BQ, q_seg_BQ = args
+
+        def key_block(j, carry):
+            m_BKGQ, l_BKGQ, acc_BKGQH = carry
+            lo = j * bk
+            start = jnp.minimum(lo, s - bk)  # the last block may overlap the previous one; masked below
+            k_BCKH = jax.lax.dynamic_slice(k_LBSKH, (layer, 0, start, 0, 0), (1, b, bk, kh, h))[0]
+            v_BCKH = jax.lax.dynamic_slice(v_LBSKH, (layer, 0, start, 0, 0), (1, b, bk, kh, h))[0]
+            k_seg_BC = jax.lax.dynamic_slice_in_dim(spec.k_seg_BS, start, bk, axis=1)
+            k_slot_C = start + jnp.arange(bk)
+            mask_BQC = (
+                (k_slot_C[None, None, :] >= lo)
+                & (k_slot_C[None, None, :] <= q_slot_BQ[:, :, None])
+                & (k_slot_C[None, None, :] < k_limit_B[:, None, None])
+                & (q_seg_BQ[:, :, None] == k_seg_BC[:, None, :])
+            )[:, None, None]
+            scores_BKGQC = matmul(cfg, "BQKGH,BCKH->BKGQC", q_BQKGH, k_BCKH) * scale
+            scores_BKGQC = jnp.where(mask_BQC, scores_BKGQC, _MASK_VALUE)
+            m_new_BKGQ = jnp.maximum(m_BKGQ, scores_BKGQC.max(axis=-1))
+            p_BKGQC = jnp.where(mask_BQC, jnp.exp(scores_BKGQC - m_new_BKGQ[..., None]), 0.0)
+            correction_BKGQ = jnp.exp(m_BKGQ - m_new_BKGQ)
+            l_BKGQ = l_BKGQ * correction_BKGQ + p_BKGQC.sum(axis=-1)
+            pv_BKGQH = matmul(cfg, "BKGQC,BCKH->BKGQH", p_BKGQC, v_BCKH)
+            return m_new_BKGQ, l_BKGQ, acc_BKGQH * correction_BKGQ[..., None] + pv_BKGQH
+
+        init = (jnp.full((b, kh, g, bq), _MASK_VALUE), jnp.zeros((b, kh, g, bq)), jnp.zeros((b, kh, g, bq, h)))
+        _, l_BKGQ, acc_BKGQH = jax.lax.fori_loop(0, num_key_blocks, key_block, init)
+        out_BKGQH = acc_BKGQH / jnp.maximum(l_BKGQ, 1e-30)[..., None]
+        return out_BKGQH.transpose(0, 3, 1, 2, 4)  # [B, Q, K, G, H]
+
+    out_nBQKGH = jax.lax.map(query_block, (q_nBQKGH, q_slot_nBQ, q_seg_nBQ))
+    return out_nBQKGH.swapaxes(0, 1).reshape(b, nq * bq, n, h)[:, :t]

@@ -53,19 +53,20 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None, dtype=j
 
 
 def write(
-    cache_BSKH: jax.Array, new_BTKH: jax.Array, lengths_B: jax.Array, num_new_B: jax.Array
+    cache_LBSKH: jax.Array, layer, new_BTKH: jax.Array, lengths_B: jax.Array, num_new_B: jax.Array
 ) -> jax.Array:
-    """Write the first ``num_new_B[b]`` of ``new_BTKH[b]`` at slots ``lengths_B[b] ...`` of one layer's cache.
+    """Write the first ``num_new_B[b]`` of ``new_BTKH[b]`` at slots ``lengths_B[b] ...`` of ``layer``.
 
-    Padding tokens (index ``>= num_new_B[b]``) and slots past the end of the cache are dropped, never
-    clamped onto valid entries.
+    ``cache_LBSKH`` is the whole stacked cache and ``layer`` a (traced) layer index: the scatter touches only
+    the new entries, so inside a loop XLA updates the cache in place. Padding tokens (index
+    ``>= num_new_B[b]``) and slots past the end of the cache are dropped, never clamped onto valid entries.
     """
-    batch, max_len = cache_BSKH.shape[:2]
+    batch, max_len = cache_LBSKH.shape[1:3]
     steps_T = jnp.arange(new_BTKH.shape[1])
     slots_BT = lengths_B[:, None] + steps_T[None, :]
     slots_BT = jnp.where(steps_T[None, :] < num_new_B[:, None], slots_BT, max_len)  # out of range: dropped
     rows_BT = jnp.broadcast_to(jnp.arange(batch)[:, None], slots_BT.shape)
-    return cache_BSKH.at[rows_BT, slots_BT].set(new_BTKH.astype(cache_BSKH.dtype), mode="drop")
+    return cache_LBSKH.at[layer, rows_BT, slots_BT].set(new_BTKH.astype(cache_LBSKH.dtype), mode="drop")
 
 
 def _row_mask(cache: KVCache, rows) -> jax.Array:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from apr_jax.model import kv_cache as kvc
-from apr_jax.model.attention import MaskSpec, attention, matmul as _matmul
+from apr_jax.model.attention import MaskSpec, attention, cached_attention, matmul as _matmul
 from apr_jax.model.config import LlamaConfig
 
 def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -50,13 +50,16 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with RoPE, optional grouped KV heads and an optional per-layer cache."""
+    """Multi-head attention with RoPE, optional grouped KV heads and an optional stacked cache.
+
+    ``kv`` is None (causal self-attention over the tokens) or the whole cache ``(k_LBSKH, v_LBSKH)``, into
+    which this layer (index ``layer``) writes its new keys/values before attending over them in place.
+    """
 
     cfg: LlamaConfig
-    causal_skip: bool
 
     @nn.compact
-    def __call__(self, x_BTD, sin_BTH, cos_BTH, spec: MaskSpec, write_at, layer_kv):
+    def __call__(self, x_BTD, sin_BTH, cos_BTH, spec: MaskSpec, write_at, kv, layer):
         cfg = self.cfg
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nn.initializers.normal(cfg.init_std)
@@ -68,14 +71,12 @@ class Attention(nn.Module):
         q_BTNH = apply_rope(_matmul(cfg, "BTD,DNH->BTNH", x_BTD, wq_DNH), sin_BTH, cos_BTH)
         k_BTKH = apply_rope(_matmul(cfg, "BTD,DKH->BTKH", x_BTD, wk_DKH), sin_BTH, cos_BTH)
         v_BTKH = _matmul(cfg, "BTD,DKH->BTKH", x_BTD, wv_DKH)
-        if layer_kv is None:
-            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+        if kv is None:
+            out_BTNH = attention(cfg, q_BTNH, k_BTKH, v_BTKH, spec)
         else:
-            k_BSKH = kvc.write(layer_kv[0], k_BTKH, *write_at)
-            v_BSKH = kvc.write(layer_kv[1], v_BTKH, *write_at)
-        out_BTNH = attention(cfg, q_BTNH, k_BSKH, v_BSKH, spec, self.causal_skip)
-        new_layer_kv = None if layer_kv is None else (k_BSKH, v_BSKH)
-        return _matmul(cfg, "BTNH,NHD->BTD", out_BTNH, wo_NHD), new_layer_kv
+            kv = (kvc.write(kv[0], layer, k_BTKH, *write_at), kvc.write(kv[1], layer, v_BTKH, *write_at))
+            out_BTNH = cached_attention(cfg, q_BTNH, kv[0], kv[1], layer, spec)
+        return _matmul(cfg, "BTNH,NHD->BTD", out_BTNH, wo_NHD), kv
 
 
 class MLP(nn.Module):
@@ -97,25 +98,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block, shaped for ``nn.scan``: ``(carry, layer_kv) -> (carry, new_kv)``.
+    """One pre-norm transformer block, shaped for ``nn.scan``: ``((x, kv), layer) -> ((x, kv), None)``.
 
-    ``write_at`` is ``(lengths_B, num_new_B)`` of the cache (or None); ``layer_kv`` is this layer's
-    ``(k_BSKH, v_BSKH)`` (or None).
+    The stacked cache ``kv`` (or None) rides in the scan carry, so every layer updates it in place;
+    ``write_at`` is ``(lengths_B, num_new_B)`` of the cache (or None) and ``layer`` the layer index.
     """
 
     cfg: LlamaConfig
-    causal_skip: bool
 
     @nn.compact
-    def __call__(self, x_BTD, sin_BTH, cos_BTH, spec: MaskSpec, write_at, layer_kv):
+    def __call__(self, carry, sin_BTH, cos_BTH, spec: MaskSpec, write_at, layer):
         cfg = self.cfg
+        x_BTD, kv = carry
         h_BTD = RMSNorm(cfg.norm_eps, name="attn_norm")(x_BTD)
-        attn_BTD, new_layer_kv = Attention(cfg, self.causal_skip, name="attn")(
-            h_BTD, sin_BTH, cos_BTH, spec, write_at, layer_kv
-        )
+        attn_BTD, kv = Attention(cfg, name="attn")(h_BTD, sin_BTH, cos_BTH, spec, write_at, kv, layer)
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, name="mlp_norm")(x_BTD))
-        return x_BTD, new_layer_kv
+        return (x_BTD, kv), None
 
 
 class Llama(nn.Module):
@@ -138,8 +137,9 @@ class Llama(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers,
-        )(cfg, causal_skip=stacked_kv is None, name="layers")
-        x_BTD, new_stacked_kv = layers(x_BTD, sin_BTH, cos_BTH, spec, write_at, stacked_kv)
+        )(cfg, name="layers")
+        layer_L = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x_BTD, new_stacked_kv), _ = layers((x_BTD, stacked_kv), sin_BTH, cos_BTH, spec, write_at, layer_L)
 
         x_BTD = RMSNorm(cfg.norm_eps, name="final_norm")(x_BTD)
         lm_head_DV = self.param("lm_head", init, (cfg.hidden_size, cfg.vocab_size), jnp.float32)
