@@ -103,39 +103,35 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """First accuracy figures with the plain greedy decoder (the batched engine supersedes it)."""
-    import functools
+    """Accuracy of a run on problems, decoded by the slot engine in APR, SoS+ or self-consistency mode."""
+    from apr_jax.inference import evaluate as ev
+    from apr_jax.inference.runtime import Budgets, RunConfig
+    from apr_jax.inference.sampling import Sampling
 
-    from apr_jax.data import datasets, tokenizer as tokenization
-    from apr_jax.inference import runtime
-    from apr_jax.inference.generate import greedy_generate
-    from apr_jax.train.checkpoint import load_run, read_run_config
-
-    model_cfg, params = load_run(args.ckpt)
-    tok = tokenization.load_tokenizer(Path(args.ckpt) / "tokenizer.json")
-    pad, bos, eos = tokenization.special_ids(tok)
-    if args.problems:
-        problems = datasets.load_records(args.problems)
-    else:
-        data_dir = Path(read_run_config(args.ckpt)["data_dir"])
-        problems = list(datasets.read_jsonl(data_dir / "problems_val.jsonl"))
-    problems = problems[:args.n_problems]
-    gen = functools.partial(greedy_generate, model_cfg, params, eos_id=eos, pad_id=pad, batch_size=args.batch_size)
-    codec = runtime.Codec(tok, bos, eos)
-    context = args.context or model_cfg.max_seq_len
-    t0 = time.perf_counter()
-    solve = runtime.solve_apr if args.mode == "apr" else runtime.solve_sosp
-    results = solve(gen, codec, problems, context)
-    wall = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in results))
-    n = len(results)
-    summary = {"mode": args.mode, "problems": n, "accuracy": runtime.accuracy(results),
-               "mean_total_tokens": sum(r.total_tokens for r in results) / max(n, 1),
-               "mean_sequential_tokens": sum(r.sequential_tokens for r in results) / max(n, 1),
-               "mean_children": sum(r.children for r in results) / max(n, 1), "wall_s": round(wall, 1)}
+    model_cfg, params, tok = ev.load_run_model(args.ckpt, step=args.step)
+    problems = ev.load_problems(args.ckpt, args.problems, args.n_problems)
+    run = RunConfig(mode=args.mode, samples=args.samples, seed=args.seed, sub_call_budget=args.sub_call_budget,
+                    token_budget=args.token_budget,
+                    budgets=Budgets(max_children=args.max_children, max_spawns=args.max_spawns,
+                                    max_total_tokens=args.max_total_tokens))
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k)
+    _, summary = ev.evaluate(model_cfg, params, tok, problems, run, slots=args.slots, context=args.context,
+                             sampling=sampling, out=args.out, keep_tokens=args.keep_tokens,
+                             progress=not args.quiet)
+    print(f"{args.mode}: accuracy {summary['accuracy']:.1%} on {summary['problems']} problems"
+          + (f" (pass@{args.samples} {summary['pass_at_n']:.1%})" if args.mode == "sc" else "")
+          + f"; tokens/problem {summary['mean_total_tokens']:.0f} total, {summary['mean_sequential_tokens']:.0f} "
+          f"sequential; children {summary['mean_children']:.2f}; {summary['wall_s']:.1f} s "
+          f"({summary['generated_tokens_per_s']:.0f} generated tokens/s) -> {args.out}", file=sys.stderr)
     print(json.dumps(summary))
+    return 0
+
+
+def cmd_view(args) -> int:
+    from apr_jax.inference import viewer
+
+    path = viewer.write_view(args.result, args.problem, args.out)
+    print(f"wrote {Path(path).resolve()}")
     return 0
 
 
@@ -208,16 +204,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("eval", help="greedy accuracy of a run on validation problems (APR or SoS+)")
+    p = sub.add_parser("eval", help="accuracy of a run on problems: APR, SoS+ or self-consistency on the engine")
     p.add_argument("--ckpt", required=True, help="run folder")
-    p.add_argument("--mode", choices=("apr", "sosp"), required=True)
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    p.add_argument("--mode", choices=("apr", "sosp", "sc"), required=True,
+                   help="apr: thread trees; sosp: one serial thread; sc: --samples SoS+ samples, majority vote")
     p.add_argument("--n-problems", type=int, default=200)
     p.add_argument("--problems", help="JSON or JSONL list of problems with nums and target (default: the "
                    "run's validation split)")
+    p.add_argument("--samples", type=int, default=1, help="samples per problem (sc mode)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = whole vocabulary")
+    p.add_argument("--seed", type=int, default=0, help="thread keys derive from (seed, problem id, thread path)")
+    p.add_argument("--slots", type=int, default=16, help="threads decoded at once")
     p.add_argument("--context", type=int, help="tokens per thread (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", required=True, help="per-problem results (JSON Lines)")
+    p.add_argument("--max-children", type=int, default=16, help="children run per spawn; more join as failed")
+    p.add_argument("--max-spawns", type=int, default=8, help="spawns per problem; another ends the problem")
+    p.add_argument("--max-total-tokens", type=int, help="tokens per problem over all threads (default: no cap)")
+    p.add_argument("--sub-call-budget", type=int, help="APR conditioning prefix 'Sub Call Budget: N'")
+    p.add_argument("--token-budget", type=int, help="SoS+ conditioning prefix 'Token Budget: N'")
+    p.add_argument("--keep-tokens", action="store_true", help="also save token ids and log-probs per thread")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="per-problem results (JSON Lines; summary beside it)")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("view", help="draw one problem's thread tree and slot timeline (HTML or PNG)")
+    p.add_argument("result", help="a results file written by `apr-jax eval`")
+    p.add_argument("--problem", type=int, default=0, help="problem id (default 0)")
+    p.add_argument("--out", required=True, help="FILE.html or FILE.png")
+    p.set_defaults(fn=cmd_view)
 
     p = sub.add_parser("info", help="print a preset's configs and parameter counts")
     _add_preset(p)
@@ -238,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "apr_jax" / "jax"))
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"apr-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

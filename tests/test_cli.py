@@ -22,13 +22,20 @@ def test_pipeline_commands(tmp_path, capsys):
 
     out = tmp_path / "res.jsonl"
     capsys.readouterr()
-    assert cli.main(["eval", "--ckpt", str(run), "--mode", "apr", "--n-problems", "3", "--batch-size", "4",
-                     "--context", "128", "--out", str(out)]) == 0
+    assert cli.main(["eval", "--ckpt", str(run), "--mode", "apr", "--n-problems", "3", "--slots", "4",
+                     "--context", "128", "--quiet", "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary["problems"] == 3 == len(records)
+    assert json.loads(out.with_suffix(".summary.json").read_text())["accuracy"] == summary["accuracy"]
     assert all(r["threads"] and r["threads"][0]["role"] == "parent" for r in records)
-    assert all(r["total_tokens"] <= 128 * (1 + 4 * 17) for r in records)
+    assert all(r["total_tokens"] <= 128 * (1 + 16 * 9) for r in records)
+    assert all(t["stop"] and t["slot"] is not None for r in records for t in r["threads"] if t["role"] == "parent")
+
+    page = tmp_path / "view.html"
+    assert cli.main(["view", str(out), "--problem", str(records[1]["problem"]["id"]), "--out", str(page)]) == 0
+    assert records[1]["threads"][0]["path"] in page.read_text()
+    assert cli.main(["view", str(out), "--problem", "999999", "--out", str(page)]) == 2
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):

@@ -1,80 +1,190 @@
-"""Greedy generation against a plain forward loop, and the SoS+/APR orchestration replaying the release's
-golden demonstrations through the shared format functions."""
+"""The SoS+/SC/APR runtime driven by a scripted engine that replays the release's golden demonstrations:
+continuations rebuilt byte-exact, budgets and malformed output each with a defined, recorded outcome."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import collections
+import heapq
+
+import pytest
 
 from apr_jax.countdown import traces
 from apr_jax.data import tokenizer as T
 from apr_jax.inference import runtime
-from apr_jax.inference.generate import greedy_generate
-from apr_jax.model import config, forward, init
+from apr_jax.inference.engine import Finished, common_prefix
 
 
-def test_greedy_generate_equals_a_plain_forward_loop():
-    cfg = config.tiny(40)
-    params = init(cfg, jax.random.PRNGKey(0))
-    prompts = [[1, 5, 9, 11], [1, 7], [1, 3, 3, 3, 3, 8, 2 + 10]]
-    got = greedy_generate(cfg, params, prompts, max_new_tokens=12, eos_id=2, batch_size=4, quantum=8)
-    full = jax.jit(lambda tokens: forward(cfg, params, tokens, jnp.arange(32)[None])[0])
-    for prompt, out in zip(prompts, got):
-        seq = list(prompt)
-        for _ in range(12):  # causal: padding after the sequence does not change the last logits
-            logits = full(jnp.asarray([seq + [0] * (32 - len(seq))], jnp.int32))
-            nxt = int(jnp.argmax(logits[0, len(seq) - 1]))
-            seq.append(nxt)
-            if nxt == 2:
-                break
-        assert out == seq[len(prompt):]
+class ScriptedEngine:
+    """Engine double: every admitted thread finishes at the next step with ``respond(key, prompt text)``
+    (then EOS), cut at a join marker or at its token limit, exactly as the real engine reports them."""
+
+    def __init__(self, codec, respond, slots=4, context=16384):
+        self.codec, self.respond, self.slots, self.context = codec, respond, slots, context
+        self.steps, self.order = 0, 0
+        self.rows: dict = {}  # key -> [slot, running, prompt ids]
+        self._queue: list = []
+        self._cont: list = []
+        self.continued: list = []  # (key, prompt tokens, new prompt tokens) of continuations in place
+        self.marker = codec.ids(traces.JOIN_OPEN)
+
+    def submit(self, key, prompt, max_new, rng, priority=1):
+        assert key not in self.rows
+        self.order += 1
+        heapq.heappush(self._queue, (priority, self.order, key, list(prompt), max_new))
+
+    def continue_thread(self, key, prompt, max_new, rng, new_key=None):
+        slot, running, old = self.rows.pop(key)
+        assert not running
+        keep = common_prefix(old, prompt)
+        self._cont.append((new_key or key, slot, list(prompt), max_new, len(prompt) - keep))
+        self.continued.append((new_key or key, len(prompt), len(prompt) - keep))
+
+    def release(self, key):
+        assert not self.rows.pop(key)[1]
+
+    @property
+    def free_slots(self):
+        return self.slots - len(self.rows) - len(self._cont)
+
+    @property
+    def queued(self):
+        return len(self._queue)
+
+    @property
+    def idle(self):
+        return not self._queue and not self._cont and not any(r[1] for r in self.rows.values())
+
+    def step(self):
+        starts = [(key, slot, prompt, max_new, new) for key, slot, prompt, max_new, new in self._cont]
+        self._cont = []
+        used = {r[0] for r in self.rows.values()} | {s[1] for s in starts}
+        free = [s for s in range(self.slots) if s not in used]
+        while self._queue and free:
+            _, _, key, prompt, max_new = heapq.heappop(self._queue)
+            starts.append((key, free.pop(0), prompt, max_new, len(prompt)))
+        out = []
+        for key, slot, prompt, max_new, new in starts:
+            ids = self.codec.ids(self.respond(key, self.codec.text(prompt))) + [self.codec.eos_id]
+            stop = "eos"
+            for i in range(len(ids)):
+                if ids[i:i + len(self.marker)] == self.marker:
+                    ids, stop = ids[:i + len(self.marker)], "stop_sequence"
+                    break
+            if len(ids) > max_new:
+                ids, stop = ids[:max_new], "length"
+            self.rows[key] = [slot, False, prompt + ids]
+            out.append(Finished(key, slot, len(prompt), new, ids, [0.0] * len(ids), stop, self.steps,
+                                self.steps + len(ids), 0.0, 1.0))
+        self.steps += max([len(f.tokens) for f in out], default=0)
+        return out
 
 
-def _oracle(codec, calls):
-    """A generator that continues any prefix of a recorded call with the rest of that call + EOS."""
-    def generate(prompt_ids, max_new):
-        outs = []
-        for ids in prompt_ids:
-            prompt = codec.text(ids)
-            call = next(c for c in calls if c.startswith(prompt))
-            outs.append((T.encode(codec.tok, call[len(prompt):]) + [codec.eos_id])[:max_new])
-        return outs
-    return generate
+@pytest.fixture(scope="module")
+def codec():
+    return runtime.Codec(T.build_tokenizer("digits"), T.BOS_ID, T.EOS_ID)
 
 
-def test_apr_runtime_replays_golden_demonstrations(golden_apr):
-    tok = T.build_tokenizer("digits")
-    codec = runtime.Codec(tok, T.BOS_ID, T.EOS_ID)
+def replay(calls, otherwise="\nNo solution found."):
+    """Respond to any prompt with the rest of the recorded call it begins (``otherwise`` if none)."""
+    def respond(key, prompt):
+        call = next((c for c in calls if c.startswith(prompt)), None)
+        return otherwise if call is None else call[len(prompt):]
+    return respond
+
+
+@pytest.mark.parametrize("slots", [1, 3, 16])
+def test_apr_replays_golden_demonstrations(golden_apr, codec, slots):
     recs = golden_apr[:12]
     calls = [t for r in recs for _, t in traces.iter_calls(r["trace_dict"])]
-    results = runtime.solve_apr(_oracle(codec, calls), codec, recs, context=16384, max_spawns=8)
+    engine = ScriptedEngine(codec, replay(calls), slots=slots)
+    results = runtime.Runtime(engine, codec, runtime.RunConfig("apr")).solve(recs)
     for rec, res in zip(recs, results):
         td = rec["trace_dict"]
-        parents = [t["prompt"] + t["output"] for t in res.threads if t["role"] == "parent"]
-        assert parents == td["main_calls"]  # every continuation rebuilt byte-exact by the runtime
-        assert res.children == traces.count_children(td)
-        assert res.correct == (traces.solution_path(rec["search_path"]) is not None)
-        assert res.sequential_tokens <= res.total_tokens
+        parents = [t["prompt"] + t["output"] for t in res["threads"] if t["role"] == "parent"]
+        assert parents == td["main_calls"]  # every continuation rebuilt byte-exact
+        assert res["children"] == traces.count_children(td)
+        assert res["correct"] == (traces.solution_path(rec["search_path"]) is not None)
+        assert res["sequential_tokens"] <= res["total_tokens"]
+        on_path = [t for t in res["threads"] if t["on_answer_path"]]
+        assert bool(on_path) == (res["answer"] is not None)
+    assert engine.idle and not engine.rows  # every slot released
+    # A continuation that kept its slot prefills only the join block, not the whole parent again.
+    assert all(new < prompt_len for _, prompt_len, new in engine.continued)
+    assert bool(engine.continued) == (slots > 1)  # one slot: the parent must give it up to its children
 
 
-def test_apr_runtime_records_malformed_spawns_and_goes_on(golden_apr):
-    tok = T.build_tokenizer("digits")
-    codec = runtime.Codec(tok, T.BOS_ID, T.EOS_ID)
-    rec = golden_apr[0]
-    bad = rec["trace_dict"]["main_calls"][0].replace("Moving to Node #0,2\n", "Moving to Node #9,9\n")
-    calls = [bad] + [t for r in golden_apr[1:3] for _, t in traces.iter_calls(r["trace_dict"])]
-    results = runtime.solve_apr(_oracle(codec, calls), codec, golden_apr[:3], context=16384)
-    assert "malformed spawn" in results[0].reason and not results[0].correct
-    assert [r.correct for r in results[1:]] == [traces.solution_path(r["search_path"]) is not None
-                                                for r in golden_apr[1:3]]
+def test_apr_with_one_slot_gives_the_same_trees(golden_apr, codec):
+    recs = golden_apr[:6]
+    calls = [t for r in recs for _, t in traces.iter_calls(r["trace_dict"])]
+    outs = []
+    for slots in (1, 8):
+        res = runtime.Runtime(ScriptedEngine(codec, replay(calls), slots=slots), codec,
+                              runtime.RunConfig("apr")).solve(recs)
+        outs.append([[(t["path"], t["prompt"], t["output"]) for t in r["threads"]] for r in res])
+    assert outs[0] == outs[1]
 
 
-def test_sosp_runtime_marks_truncated_threads(golden_sosp):
-    tok = T.build_tokenizer("digits")
-    codec = runtime.Codec(tok, T.BOS_ID, T.EOS_ID)
+def test_malformed_output_is_recorded_and_the_batch_goes_on(golden_apr, codec):
+    good = golden_apr[1]
+    good_calls = [t for _, t in traces.iter_calls(good["trace_dict"])]
+    first = golden_apr[0]["trace_dict"]["main_calls"][0]
+    prompt0 = traces.apr_prompt(golden_apr[0]["nums"], golden_apr[0]["target"])
+    cases = {
+        "malformed spawn block": first.replace("Moving to Node #0,2\n", "Moving to Node #9,9\n"),
+        "never closed": first.replace(traces.SPAWN_CLOSE + "\n", "Exploring Operation: 1+1=2\n"),
+        "join marker": prompt0 + "\n<Sub Searches>\nlater text",
+        "no solution path": prompt0 + "\n}}}} garbage ((((",
+    }
+    for expected, bad_call in cases.items():
+        engine = ScriptedEngine(codec, replay([bad_call] + good_calls))
+        res = runtime.Runtime(engine, codec, runtime.RunConfig("apr")).solve([golden_apr[0], good])
+        assert expected in res[0]["reason"] and not res[0]["correct"]
+        assert res[1]["correct"] == (traces.solution_path(good["search_path"]) is not None)
+        assert engine.idle and not engine.rows
+    res = runtime.Runtime(ScriptedEngine(codec, replay([prompt0 + "\n<Sub Searches>\nx"])), codec,
+                          runtime.RunConfig("apr")).solve([golden_apr[0]])
+    assert res[0]["threads"][0]["stop"] == "join_marker"
+    assert res[0]["threads"][0]["output"].endswith(traces.JOIN_OPEN)  # cut at the marker
+
+
+def test_spawn_and_children_limits(golden_apr, codec):
+    rec = next(r for r in golden_apr if len(r["trace_dict"]["sub_calls"][0]) >= 3)
+    calls = [t for _, t in traces.iter_calls(rec["trace_dict"])]
+    res = runtime.Runtime(ScriptedEngine(codec, replay(calls)), codec,
+                          runtime.RunConfig("apr", budgets=runtime.Budgets(max_children=2))).solve([rec])[0]
+    kids = [t for t in res["threads"] if t["role"] == "child" and t["path"].startswith("p0.")]
+    assert [t["stop"] for t in kids[2:]] == ["not_run"] * (len(kids) - 2)
+    continuation = next(t for t in res["threads"] if t["path"] == "p1")["prompt"]
+    assert all(f"{traces.JOIN_FAIL}{i} " in continuation for i in range(2, len(kids)))
+    res = runtime.Runtime(ScriptedEngine(codec, replay(calls)), codec,
+                          runtime.RunConfig("apr", budgets=runtime.Budgets(max_spawns=0))).solve([rec])[0]
+    assert "spawn limit 0" in res["reason"] and res["children"] == 0
+
+
+def test_sosp_context_and_problem_budgets(golden_sosp, codec):
     recs = golden_sosp[:4]
-    gen = _oracle(codec, [r["search_path"] for r in recs])
-    full = runtime.solve_sosp(gen, codec, recs, context=16384)
-    assert [r.correct for r in full] == [traces.solution_path(r["search_path"]) is not None for r in recs]
-    short = runtime.solve_sosp(gen, codec, recs, context=64)
-    assert all(not r.correct and "length" in r.reason for r in short)
-    assert np.all([r.total_tokens <= 64 for r in short])
+    respond = replay([r["search_path"] for r in recs])
+    full = runtime.Runtime(ScriptedEngine(codec, respond), codec, runtime.RunConfig("sosp")).solve(recs)
+    assert [r["correct"] for r in full] == [traces.solution_path(r["search_path"]) is not None for r in recs]
+    short = runtime.Runtime(ScriptedEngine(codec, respond, context=64), codec, runtime.RunConfig("sosp")).solve(recs)
+    assert all(not r["correct"] and r["threads"][0]["stop"] == "thread_limit" for r in short)
+    assert all(r["total_tokens"] <= 64 for r in short)
+    budget = runtime.RunConfig("sosp", budgets=runtime.Budgets(max_total_tokens=100))
+    capped = runtime.Runtime(ScriptedEngine(codec, respond), codec, budget).solve(recs)
+    assert all(r["threads"][0]["stop"] == "problem_budget" and r["total_tokens"] <= 100 for r in capped)
+    assert all("budget" in r["reason"] for r in capped)
+
+
+def test_self_consistency_votes_over_answers(golden_sosp, codec):
+    rec = next(r for r in golden_sosp if traces.solution_path(r["search_path"]) is not None)
+    prompt = traces.sosp_prompt(rec["nums"], rec["target"])
+    right = rec["search_path"][len(prompt):]
+    # Two samples fail, one succeeds: pass@3 true, cons@3 decided among valid answers only.
+    outputs = {"s0": "\nNo solution found.", "s1": right, "s2": "\nNo solution found."}
+    res = runtime.Runtime(ScriptedEngine(codec, lambda key, _: outputs[key[1]]), codec,
+                          runtime.RunConfig("sc", samples=3)).solve([rec])[0]
+    assert res["pass"] and res["correct"]  # the only valid answer wins the vote
+    assert [s["correct"] for s in res["samples"]] == [False, True, False]
+    assert [t["on_answer_path"] for t in res["threads"]] == [False, True, False]
+    assert res["sequential_tokens"] < res["total_tokens"]
+    summary = runtime.summarize([res])
+    assert summary["pass_at_n"] == 1.0 and summary["cons_at_n"] == 1.0
+    assert collections.Counter(summary["thread_stops"]) == {"eos": 3}

@@ -1,43 +1,45 @@
-"""SoS+ and APR orchestration over a batched generator (greedy here).
+"""SoS+, self-consistency and APR thread trees scheduled on the slot engine.
 
-SoS+: one serial thread per problem. APR: the parent decodes until EOS; if its text ends with a spawn
-block, every child prompt is built by :mod:`apr_jax.countdown.traces`, all children of all problems decode
-together as one batch, their returns are joined into the parent's continuation, and the parent decodes
-again; repeated while parents keep spawning. Every format decision is in ``traces``; this module only
-schedules. Malformed output never raises: each problem records why it stopped.
+Every problem is a small state machine driven by the engine's *finished thread* events:
+
+- ``sosp``: one serial thread (path ``p0``); its text's solution path is the answer.
+- ``sc``: ``samples`` independent SoS+ threads (paths ``s0 .. s{N-1}``); pass@N (some sample verifies) and
+  cons@N (the most frequent answer, by its sequence of operations, verifies) are both reported.
+- ``apr``: the parent call ``p0`` decodes until EOS. If its text ends with a spawn block, the children are
+  built by :mod:`apr_jax.countdown.traces` (paths ``p0.c0, p0.c1, ...``) and queued ahead of new problems;
+  they decode in free slots beside every other thread. When the last child stops, the join block is built
+  and the parent continues as call ``p1`` *in its own slot*: the engine rolls its KV cache back to the
+  pre-spawn prefix and extends it with the join block only. One level of children (a child's spawn block is
+  not run: it returns no solution). If no slot is free when a parent spawns, the parent gives its slot up
+  (so its children can never be starved) and its continuation is prefilled afresh later.
+
+Budgets (:class:`Budgets`) are enforced here and in the engine, each with a recorded outcome: children past
+``max_children`` are not run and join as "No Solution" (thread stop ``not_run``); a spawn past
+``max_spawns`` ends the problem; a thread stops at the context (``thread_limit``); the problem's total tokens
+(prompts + outputs, shared prefixes once) stop at ``max_total_tokens`` (``problem_budget``). Malformed output
+(an unclosed or unparsable spawn block, a join marker written by the model, garbage) never raises: the
+problem ends with a reason and the rest of the batch goes on.
+
+Token accounting per thread: ``charged = new prompt tokens prefilled + generated tokens`` (a continuation's
+reused prefix is not charged again). total = sum over threads; sequential = parent calls + the longest
+child of each spawn (the critical path).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Callable, Sequence
+import re
+from typing import Callable, Iterable, Protocol, Sequence
+
+import numpy as np
 
 from apr_jax.countdown import game, traces
+from apr_jax.inference.engine import Finished
+from apr_jax.inference.sampling import thread_key
 
-# generate(prompts as token-id lists, max_new_tokens) -> continuations (ending with EOS when written)
-GenerateFn = Callable[[Sequence[Sequence[int]], int], list[list[int]]]
-
-
-@dataclasses.dataclass
-class Thread:
-    prompt: str
-    output: str = ""
-    tokens: int = 0  # generated tokens
-    stop: str = ""  # "eos" | "length"
-
-
-@dataclasses.dataclass
-class ProblemResult:
-    nums: list[int]
-    target: int
-    mode: str
-    answer: str | None = None  # the final solution path
-    correct: bool = False
-    reason: str = ""
-    threads: list[dict] = dataclasses.field(default_factory=list)  # {"role", "prompt", "output", "tokens", "stop"}
-    total_tokens: int = 0
-    sequential_tokens: int = 0
-    children: int = 0
+MODES = ("apr", "sosp", "sc")
+_CHILD_PRIORITY, _ROOT_PRIORITY = 0, 1
 
 
 class Codec:
@@ -52,104 +54,374 @@ class Codec:
     def text(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
-
-def _run(generate: GenerateFn, codec: Codec, prompts: list[str], context: int) -> list[Thread]:
-    """Decode every prompt once (one batch); a call may use the context left after its prompt."""
-    ids = [codec.prompt_ids(p) for p in prompts]
-    out: list[Thread] = [Thread(p) for p in prompts]
-    todo = [i for i, x in enumerate(ids) if len(x) < context]
-    for i in set(range(len(prompts))) - set(todo):
-        out[i].stop = "prompt_too_long"
-    if todo:
-        budget = context - min(len(ids[i]) for i in todo)
-        gens = generate([ids[i] for i in todo], budget)
-        for i, gen in zip(todo, gens):
-            room = context - len(ids[i])
-            gen = gen[:room]
-            ended = bool(gen) and gen[-1] == codec.eos_id
-            out[i].output, out[i].tokens = codec.text(gen), len(gen)
-            out[i].stop = "eos" if ended else "length"
-    return out
+    def ids(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
 
 
-def _finish(result: ProblemResult, final_text: str) -> ProblemResult:
-    path = traces.solution_path(final_text)
-    result.answer = path
-    if path is None:
-        result.reason = result.reason or "no solution path in the final text"
-        return result
-    verdict = game.verify_path(result.nums, result.target, path)
-    result.correct, result.reason = verdict.ok, verdict.reason
-    return result
+class EngineLike(Protocol):
+    """What the runtime needs of :class:`apr_jax.inference.engine.Engine` (tests substitute a script)."""
+
+    context: int
+    steps: int
+
+    def submit(self, key, prompt: Sequence[int], max_new: int, rng: np.ndarray, priority: int = 1) -> None: ...
+    def continue_thread(self, key, prompt: Sequence[int], max_new: int, rng: np.ndarray, new_key=None) -> None: ...
+    def release(self, key) -> None: ...
+    def step(self) -> list[Finished]: ...
+    @property
+    def free_slots(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def idle(self) -> bool: ...
 
 
-def solve_sosp(generate: GenerateFn, codec: Codec, problems: Sequence[dict], context: int) -> list[ProblemResult]:
-    prompts = [traces.sosp_prompt(p["nums"], p["target"]) for p in problems]
-    results = []
-    for p, th in zip(problems, _run(generate, codec, prompts, context)):
-        r = ProblemResult(p["nums"], p["target"], "sosp", total_tokens=th.tokens, sequential_tokens=th.tokens)
-        r.threads.append({"role": "main", **dataclasses.asdict(th)})
-        if th.stop != "eos":
-            r.reason = f"thread stopped: {th.stop}"
-        results.append(_finish(r, th.prompt + th.output))
-    return results
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    """Limits the runtime enforces (None = unlimited; the context always applies)."""
+
+    max_children: int = 16
+    max_spawns: int = 8
+    max_total_tokens: int | None = None
 
 
-def solve_apr(generate: GenerateFn, codec: Codec, problems: Sequence[dict], context: int, max_spawns: int = 4,
-              max_children: int = 16) -> list[ProblemResult]:
-    """APR with one level of children; children of all problems decode as one batch per round."""
-    results = [ProblemResult(p["nums"], p["target"], "apr") for p in problems]
-    prompts = {i: traces.apr_prompt(p["nums"], p["target"]) for i, p in enumerate(problems)}
-    final: dict[int, str] = {}
-    for round_ in range(max_spawns + 1):
-        if not prompts:
-            break
-        order = sorted(prompts)
-        parents = _run(generate, codec, [prompts[i] for i in order], context)
-        spawning: dict[int, tuple[str, list]] = {}
-        for i, th in zip(order, parents):
-            r = results[i]
-            r.threads.append({"role": "parent", **dataclasses.asdict(th)})
-            r.total_tokens += th.tokens
-            r.sequential_tokens += th.tokens
-            text = th.prompt + th.output
-            if th.stop == "eos" and traces.ends_with_spawn(text) and round_ < max_spawns:
-                try:
-                    kids = traces.child_prompts(text)
-                except traces.TraceFormatError as err:
-                    r.reason = f"malformed spawn: {err}"
-                    final[i] = text
-                    continue
-                if len(kids) > max_children:
-                    r.reason = f"spawned {len(kids)} children, more than the limit {max_children}"
-                    final[i] = text
-                    continue
-                spawning[i] = (text, kids)
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One evaluation's settings.
+
+    Attributes:
+      mode: ``apr``, ``sosp`` or ``sc``.
+      samples: samples per problem in ``sc`` mode.
+      seed: root of every thread's PRNG key (with the problem id and thread path).
+      sub_call_budget: APR conditioning prefix ``Sub Call Budget: n`` (None: no prefix).
+      token_budget: SoS+/SC conditioning prefix ``Token Budget: b`` (None: no prefix).
+      budgets: enforced limits.
+    """
+
+    mode: str = "apr"
+    samples: int = 1
+    seed: int = 0
+    sub_call_budget: int | None = None
+    token_budget: int | None = None
+    budgets: Budgets = Budgets()
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+
+
+_OPS_RE = re.compile(r"Exploring Operation: (\S+?),")
+
+
+def answer_ops(path: str | None) -> tuple[str, ...]:
+    """The operations of a solution path, in order (the key answers are voted and matched by)."""
+    return tuple(_OPS_RE.findall(path or ""))
+
+
+@dataclasses.dataclass
+class _Problem:
+    index: int
+    pid: object
+    nums: list[int]
+    target: int
+    threads: list[dict] = dataclasses.field(default_factory=list)
+    by_path: dict[str, dict] = dataclasses.field(default_factory=dict)
+    charged: int = 0
+    spawns: int = 0
+    children: int = 0
+    waiting: dict = dataclasses.field(default_factory=dict)  # spawn path -> pending child paths
+    returns: dict = dataclasses.field(default_factory=dict)  # spawn path -> {child index: return}
+    holds_slot: dict = dataclasses.field(default_factory=dict)  # parent path -> bool
+    open_threads: int = 0
+    final_text: str | None = None
+    reason: str = ""
+    done: bool = False
+
+
+class Runtime:
+    """Schedules the thread trees of many problems on one engine (see the module docstring)."""
+
+    def __init__(self, engine: EngineLike, codec: Codec, run: RunConfig):
+        self.engine, self.codec, self.run = engine, codec, run
+        self.context = engine.context
+        budgets = run.budgets
+        if budgets.max_children < 1 or budgets.max_spawns < 0:
+            raise ValueError(f"invalid budgets {budgets}")
+
+    # ------------------------------------------------------------------------------------ threads
+
+    def _thread(self, prob: _Problem, path: str, role: str, parent: str | None, call: int, prompt: str) -> dict:
+        rec = {"id": len(prob.threads), "path": path, "role": role, "parent": None, "parent_path": parent,
+               "call": call, "prompt": prompt, "output": "", "prompt_tokens": 0, "new_prompt_tokens": 0,
+               "tokens": 0, "stop": "", "slot": None, "start_step": None, "end_step": None, "start_s": None,
+               "end_s": None, "on_answer_path": False}
+        if parent is not None:
+            rec["parent"] = prob.by_path[parent]["id"]
+        prob.threads.append(rec)
+        prob.by_path[path] = rec
+        return rec
+
+    def _budget_left(self, prob: _Problem) -> int | None:
+        total = self.run.budgets.max_total_tokens
+        return None if total is None else total - prob.charged
+
+    def _launch(self, prob: _Problem, recs: list[dict], priority: int, continue_from: str | None = None) -> None:
+        """Queue threads (all children of one spawn, or one parent call / sample), sharing the budget left."""
+        left = self._budget_left(prob)
+        for rec in recs:
+            ids = self.codec.prompt_ids(rec["prompt"])
+            rec["prompt_tokens"] = len(ids)
+            room = self.context - len(ids)
+            share = None if left is None else (left - len(ids)) // len(recs)
+            if room < 1:
+                rec["stop"] = "thread_limit"
+                continue
+            if share is not None and share < 1:
+                rec["stop"] = "problem_budget"
+                continue
+            max_new = room if share is None else min(room, share)
+            rec["_max_new_is_budget"] = share is not None and share < room
+            key = (prob.index, rec["path"])
+            rng = thread_key(self.run.seed, prob.pid, rec["path"])
+            if continue_from is not None:
+                self.engine.continue_thread((prob.index, continue_from), ids, max_new, rng, new_key=key)
             else:
-                if th.stop != "eos":
-                    r.reason = f"parent stopped: {th.stop}"
-                elif traces.ends_with_spawn(text):
-                    r.reason = f"spawn limit {max_spawns} reached"
-                final[i] = text
-        flat = [(i, prompt) for i, (_, kids) in spawning.items() for _, prompt in kids]
-        children = _run(generate, codec, [p for _, p in flat], context) if flat else []
-        by_problem: dict[int, list[Thread]] = {}
-        for (i, _), th in zip(flat, children):
-            by_problem.setdefault(i, []).append(th)
-        prompts = {}
-        for i, (text, _) in spawning.items():
-            r, kids = results[i], by_problem[i]
-            r.children += len(kids)
-            r.threads += [{"role": "child", **dataclasses.asdict(th)} for th in kids]
-            r.total_tokens += sum(th.tokens for th in kids)
-            r.sequential_tokens += max(th.tokens for th in kids)
-            returns = [traces.child_return(th.prompt + th.output) if th.stop == "eos" else None for th in kids]
-            prompts[i] = traces.parent_continuation(text, returns)
-    for i, text in final.items():
-        _finish(results[i], text)
-    return results
+                self.engine.submit(key, ids, max_new, rng, priority)
+            prob.open_threads += 1
+
+    # ------------------------------------------------------------------------------------ problems
+
+    def _start(self, prob: _Problem) -> None:
+        run = self.run
+        if run.mode == "apr":
+            prefix = "" if run.sub_call_budget is None else traces.sub_call_budget_prefix(run.sub_call_budget)
+            rec = self._thread(prob, "p0", "parent", None, 0, prefix + traces.apr_prompt(prob.nums, prob.target))
+            recs = [rec]
+        else:
+            prefix = "" if run.token_budget is None else traces.token_budget_prefix(run.token_budget)
+            prompt = prefix + traces.sosp_prompt(prob.nums, prob.target)
+            if run.mode == "sosp":
+                recs = [self._thread(prob, "p0", "parent", None, 0, prompt)]
+            else:
+                recs = [self._thread(prob, f"s{i}", "sample", None, 0, prompt) for i in range(run.samples)]
+        self._launch(prob, recs, _ROOT_PRIORITY)
+        if prob.open_threads == 0:
+            self._end(prob, recs[0]["prompt"], f"no thread could start: {recs[0]['stop']}")
+
+    def _end(self, prob: _Problem, final_text: str | None, reason: str = "") -> None:
+        prob.final_text, prob.reason, prob.done = final_text, prob.reason or reason, True
+
+    def _on_finished(self, prob: _Problem, f: Finished) -> None:
+        rec = prob.by_path[f.key[1]]
+        prob.open_threads -= 1
+        rec.update(output=self.codec.text(f.tokens), tokens=len(f.tokens), slot=f.slot, start_step=f.start_step,
+                   end_step=f.end_step, start_s=f.start_s, end_s=f.end_s, new_prompt_tokens=f.new_prompt_tokens)
+        rec["token_ids"], rec["logprobs"] = f.tokens, f.logprobs
+        prob.charged += f.new_prompt_tokens + len(f.tokens)
+        if f.stop == "length":
+            rec["stop"] = "problem_budget" if rec.pop("_max_new_is_budget", False) else "thread_limit"
+        elif f.stop == "stop_sequence":
+            rec["stop"] = "join_marker"
+        else:
+            rec["stop"] = "eos"
+        rec.pop("_max_new_is_budget", None)
+        text = rec["prompt"] + rec["output"]
+        if rec["role"] == "child":
+            self.engine.release(f.key)
+            if rec["stop"] == "eos" and traces.ends_with_spawn(text):
+                rec["stop"] = "child_spawn"  # one level of children: not run, returns no solution
+            self._child_done(prob, rec)
+        elif rec["role"] == "sample":
+            self.engine.release(f.key)
+            if prob.open_threads == 0:
+                self._end(prob, None)
+        else:
+            self._parent_done(prob, rec, f, text)
+
+    def _parent_done(self, prob: _Problem, rec: dict, f: Finished, text: str) -> None:
+        if self.run.mode != "apr" or rec["stop"] != "eos" or not traces.ends_with_spawn(text):
+            self.engine.release(f.key)
+            reasons = {"thread_limit": "the parent reached its context limit",
+                       "problem_budget": "the problem's token budget ran out",
+                       "join_marker": "the model wrote a join marker ('<Sub Searches>') itself"}
+            reason = reasons.get(rec["stop"], "")
+            if not reason and traces.SPAWN_OPEN in rec["output"] and traces.SPAWN_CLOSE not in rec["output"]:
+                reason = "the spawn block was never closed"
+            rec["stop"] = "spawn_unclosed" if reason == "the spawn block was never closed" else rec["stop"]
+            self._end(prob, text, reason)
+            return
+        rec["stop"] = "spawn"
+        if prob.spawns >= self.run.budgets.max_spawns:
+            self.engine.release(f.key)
+            self._end(prob, text, f"spawn limit {self.run.budgets.max_spawns} reached")
+            return
+        try:
+            kids = traces.child_prompts(text)
+        except traces.TraceFormatError as err:
+            self.engine.release(f.key)
+            self._end(prob, text, f"malformed spawn block: {err}")
+            return
+        prob.spawns += 1
+        # The parent keeps its slot (and cache) only if a child can still get a slot beside it.
+        prob.holds_slot[rec["path"]] = self.engine.free_slots > 0
+        if not prob.holds_slot[rec["path"]]:
+            self.engine.release(f.key)
+        limit = self.run.budgets.max_children
+        recs, returns = [], {}
+        for item, prompt in kids:
+            child = self._thread(prob, f"{rec['path']}.c{item.index}", "child", rec["path"], rec["call"], prompt)
+            if item.index >= limit:
+                child["stop"] = "not_run"
+                returns[item.index] = None
+            else:
+                recs.append(child)
+        prob.children += len(recs)
+        prob.returns[rec["path"]] = returns
+        prob.waiting[rec["path"]] = {c["path"] for c in recs}
+        self._launch(prob, recs, _CHILD_PRIORITY)
+        for child in recs:
+            if child["stop"]:  # could not start (no room or no budget): returns no solution
+                self._child_done(prob, child)
+
+    def _child_done(self, prob: _Problem, child: dict) -> None:
+        parent_path = child["parent_path"]
+        ok = child["stop"] == "eos"
+        index = int(child["path"].rsplit(".c", 1)[1])
+        prob.returns[parent_path][index] = traces.child_return(child["prompt"] + child["output"]) if ok else None
+        prob.waiting[parent_path].discard(child["path"])
+        if prob.waiting[parent_path]:
+            return
+        parent = prob.by_path[parent_path]
+        spawn_text = parent["prompt"] + parent["output"]
+        n_items = len(traces.parse_spawn(spawn_text))
+        returns = [prob.returns[parent_path].get(i) for i in range(n_items)]
+        continuation = traces.parent_continuation(spawn_text, returns)
+        nxt = self._thread(prob, f"p{parent['call'] + 1}", "parent", None, parent["call"] + 1, continuation)
+        held = prob.holds_slot.pop(parent_path)
+        self._launch(prob, [nxt], _CHILD_PRIORITY, continue_from=parent_path if held else None)
+        if nxt["stop"]:  # the continuation does not fit (context or budget)
+            if held:
+                self.engine.release((prob.index, parent_path))
+            reason = ("the parent's continuation does not fit its context" if nxt["stop"] == "thread_limit"
+                      else "the problem's token budget ran out")
+            self._end(prob, continuation, reason)
+
+    # ------------------------------------------------------------------------------------ results
+
+    def _result(self, prob: _Problem) -> dict:
+        threads = prob.threads
+        for t in threads:
+            t.pop("parent_path", None)
+            t.pop("_max_new_is_budget", None)
+        charged = {t["path"]: t["new_prompt_tokens"] + t["tokens"] for t in threads}
+        sequential = sum(charged[t["path"]] for t in threads if t["role"] == "parent")
+        by_spawn = collections.defaultdict(list)
+        for t in threads:
+            if t["role"] == "child":
+                by_spawn[t["parent"]].append(charged[t["path"]])
+        sequential += sum(max(v) for v in by_spawn.values())
+        starts = [t["start_s"] for t in threads if t["start_s"] is not None]
+        ends = [t["end_s"] for t in threads if t["end_s"] is not None]
+        out = {"problem": {"id": prob.pid, "nums": prob.nums, "target": prob.target}, "mode": self.run.mode,
+               "answer": None, "correct": False, "reason": prob.reason, "total_tokens": sum(charged.values()),
+               "sequential_tokens": sequential if self.run.mode != "sc" else max(charged.values(), default=0),
+               "children": prob.children, "spawns": prob.spawns,
+               "wall_s": round(max(ends) - min(starts), 4) if starts and ends else 0.0, "threads": threads}
+        if self.run.mode == "sc":
+            self._vote(prob, out)
+        else:
+            self._verify(prob, out)
+        return out
+
+    def _verify(self, prob: _Problem, out: dict) -> None:
+        text = prob.final_text or ""
+        path = traces.solution_path(text)
+        out["answer"] = path
+        if path is None:
+            out["reason"] = prob.reason or "no solution path in the final output"
+            return
+        verdict = game.verify_path(prob.nums, prob.target, path)
+        out["correct"] = verdict.ok
+        out["reason"] = verdict.reason if verdict.ok or not prob.reason else f"{prob.reason}; {verdict.reason}"
+        ops = answer_ops(path)
+        for t in prob.threads:
+            if t["role"] == "parent":
+                t["on_answer_path"] = True
+            elif t["role"] == "child" and t["stop"] == "eos":
+                ret = answer_ops(traces.child_return(t["prompt"] + t["output"]))
+                t["on_answer_path"] = bool(ret) and ops[-len(ret):] == ret
+
+    def _vote(self, prob: _Problem, out: dict) -> None:
+        samples = []
+        for t in prob.threads:
+            path = traces.solution_path(t["prompt"] + t["output"])
+            ok = path is not None and game.verify_path(prob.nums, prob.target, path).ok
+            samples.append({"path": t["path"], "answer": path, "correct": ok})
+        out["samples"] = [{"answer": s["answer"], "correct": s["correct"]} for s in samples]
+        valid = [s for s in samples if s["answer"] is not None]
+        out["pass"] = any(s["correct"] for s in samples)
+        if not valid:
+            out["reason"] = "no sample wrote a solution path"
+            return
+        counts = collections.Counter(answer_ops(s["answer"]) for s in valid)
+        best = max(counts.values())
+        winner = next(s for s in valid if counts[answer_ops(s["answer"])] == best)  # ties: earliest sample
+        out["answer"], out["correct"] = winner["answer"], winner["correct"]
+        out["reason"] = "ok" if winner["correct"] else "the majority answer does not verify"
+        for s, t in zip(samples, prob.threads):
+            t["on_answer_path"] = s["answer"] is not None and answer_ops(s["answer"]) == answer_ops(winner["answer"])
+
+    # ------------------------------------------------------------------------------------ driver
+
+    def solve(self, problems: Sequence[dict], on_result: Callable[[dict], None] | None = None) -> list[dict]:
+        """Run every problem (dicts with ``nums``, ``target`` and optionally ``id``); results in input order.
+
+        ``on_result`` is called with each result as its problem finishes (progress bars, streaming writes).
+        """
+        probs = [_Problem(i, p.get("id", i), list(p["nums"]), int(p["target"])) for i, p in enumerate(problems)]
+        results: list[dict | None] = [None] * len(probs)
+        pending = collections.deque(probs)
+        active: dict[int, _Problem] = {}
+
+        def collect(prob: _Problem) -> None:
+            results[prob.index] = self._result(prob)
+            active.pop(prob.index, None)
+            if on_result is not None:
+                on_result(results[prob.index])
+
+        while pending or active:
+            while pending and self.engine.free_slots > self.engine.queued:
+                prob = pending.popleft()
+                active[prob.index] = prob
+                self._start(prob)
+                if prob.done and prob.open_threads == 0:
+                    collect(prob)
+            if not active:
+                continue
+            finished = self.engine.step()
+            if not finished and self.engine.idle:
+                raise RuntimeError("engine idle while problems are unfinished (a scheduling bug)")
+            for f in finished:
+                prob = active[f.key[0]]
+                self._on_finished(prob, f)
+                if prob.done and prob.open_threads == 0:
+                    collect(prob)
+        return results
 
 
-def accuracy(results: Sequence[ProblemResult]) -> float:
-    return sum(r.correct for r in results) / max(1, len(results))
-
+def summarize(results: Iterable[dict]) -> dict:
+    """Accuracy and token statistics of a list of results."""
+    results = list(results)
+    n = max(1, len(results))
+    out = {"problems": len(results), "accuracy": sum(r["correct"] for r in results) / n,
+           "mean_total_tokens": sum(r["total_tokens"] for r in results) / n,
+           "mean_sequential_tokens": sum(r["sequential_tokens"] for r in results) / n,
+           "mean_children": sum(r["children"] for r in results) / n}
+    if results and "pass" in results[0]:
+        out["pass_at_n"] = sum(r["pass"] for r in results) / n
+        out["cons_at_n"] = out["accuracy"]
+    stops = collections.Counter(t["stop"] for r in results for t in r["threads"])
+    out["thread_stops"] = dict(sorted(stops.items()))
+    return out

@@ -1,0 +1,94 @@
+"""Evaluation: a trained run's model on the engine, many problems at once, results as JSON Lines."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+from apr_jax.countdown import traces
+from apr_jax.inference.engine import Engine
+from apr_jax.inference.runtime import Codec, RunConfig, Runtime, summarize
+from apr_jax.inference.sampling import GREEDY, Sampling
+
+
+def load_run_model(ckpt: str | Path, step: int | None = None):
+    """``(model config, params, tokenizer)`` of a training run folder (its newest checkpoint by default)."""
+    from apr_jax.data import tokenizer as tokenization
+    from apr_jax.train.checkpoint import load_run
+
+    model_cfg, params = load_run(ckpt, step=step)
+    tok_path = Path(ckpt) / "tokenizer.json"
+    if not tok_path.exists():
+        raise FileNotFoundError(f"{tok_path} is missing: the run folder must hold the tokenizer it trained with")
+    return model_cfg, params, tokenization.load_tokenizer(tok_path)
+
+
+def load_problems(ckpt: str | Path | None, problems_file: str | Path | None, n: int | None) -> list[dict]:
+    """The first ``n`` problems of ``problems_file`` (JSON or JSONL with ``nums`` and ``target``; the
+    release's files load as they are), or of the validation split the run was trained beside."""
+    from apr_jax.data import datasets
+    from apr_jax.train.checkpoint import read_run_config
+
+    if problems_file:
+        problems = datasets.load_records(problems_file)
+    else:
+        if ckpt is None:
+            raise ValueError("give a problems file or a run folder whose data has a validation split")
+        data_dir = Path(read_run_config(ckpt)["data_dir"])
+        problems = list(datasets.read_jsonl(data_dir / "problems_val.jsonl"))
+    for i, p in enumerate(problems):
+        if "nums" not in p or "target" not in p:
+            raise ValueError(f"problem {i} of {problems_file or 'the validation split'} lacks nums/target: {p}")
+    return problems[:n] if n else problems
+
+
+def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunConfig, *, slots: int = 16,
+             context: int | None = None, sampling: Sampling = GREEDY, out: str | Path | None = None,
+             keep_tokens: bool = False, progress: bool = True) -> tuple[list[dict], dict]:
+    """Solve ``problems`` with the engine; returns the per-problem results and a summary (also written as
+    ``out`` (JSON Lines) and ``out`` with suffix ``.summary.json`` when ``out`` is given)."""
+    from apr_jax.data import tokenizer as tokenization
+
+    _, bos, eos = tokenization.special_ids(tokenizer)
+    codec = Codec(tokenizer, bos, eos)
+    engine = Engine(model_cfg, params, slots=slots, eos_id=eos, context=context, sampling=sampling,
+                    stop_sequences=[codec.ids(traces.JOIN_OPEN)])
+    runtime = Runtime(engine, codec, run)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(problems), desc=f"eval[{run.mode}]", unit="problem")
+    solved = [0]
+
+    def on_result(result: dict) -> None:
+        solved[0] += result["correct"]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(acc=f"{solved[0] / bar.n:.3f}", steps=engine.steps)
+
+    t0 = time.perf_counter()
+    results = runtime.solve(problems, on_result=on_result)
+    wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    generated = sum(t["tokens"] for r in results for t in r["threads"])
+    summary = {"mode": run.mode, **summarize(results), "wall_s": round(wall, 2),
+               "generated_tokens": generated, "generated_tokens_per_s": round(generated / max(wall, 1e-9), 1),
+               "decode_steps": engine.steps, "dispatches": engine.dispatches, "slots": slots,
+               "context": engine.context, "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k},
+               "seed": run.seed, "samples": run.samples, "budgets": vars(run.budgets)}
+    if not keep_tokens:
+        for r in results:
+            for t in r["threads"]:
+                t.pop("token_ids", None)
+                t.pop("logprobs", None)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
+        tmp.replace(out)
+        out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return results, summary

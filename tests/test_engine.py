@@ -1,0 +1,138 @@
+"""The slot engine on a tiny random model: exact tokens and log-probabilities against plain forward passes,
+thread outputs independent of slots and neighbours, continuations that reuse the cache, stops and limits."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apr_jax.inference.engine import Engine
+from apr_jax.inference.sampling import GREEDY, Sampling, sample, thread_key
+from apr_jax.model import config, forward, init
+
+CFG = dataclasses.replace(config.tiny(48), max_seq_len=96)
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init(CFG, jax.random.PRNGKey(7))
+
+
+@pytest.fixture(scope="module")
+def full_logits(params):
+    fn = jax.jit(lambda tokens: forward(CFG, params, tokens, jnp.arange(CFG.max_seq_len)[None])[0])
+
+    def logits(seq):  # causal: padding after the sequence does not change earlier logits
+        return np.asarray(fn(jnp.asarray([list(seq) + [0] * (CFG.max_seq_len - len(seq))], jnp.int32))[0])
+    return logits
+
+
+def prompts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[1] + rng.integers(3, 48, size=int(rng.integers(1, 20))).tolist() for _ in range(n)]
+
+
+def run(params, threads, slots, sampling=GREEDY, **kw):
+    """Decode ``{key: (prompt, max_new)}`` on a fresh engine; returns ``{key: Finished}``."""
+    engine = Engine(CFG, params, slots=slots, eos_id=EOS, sampling=sampling, **kw)
+    for key, (prompt, max_new) in threads.items():
+        engine.submit(key, prompt, max_new, thread_key(3, "problem", key))
+    done = {}
+    while not engine.idle:
+        for f in engine.step():
+            done[f.key] = f
+            engine.release(f.key)
+    return done
+
+
+def test_greedy_threads_equal_a_plain_forward_loop_and_record_exact_logprobs(params, full_logits):
+    threads = {i: (p, 24) for i, p in enumerate(prompts(7))}
+    done = run(params, threads, slots=3)  # 7 threads through 3 slots: refills mid-flight
+    for key, (prompt, _) in threads.items():
+        seq = list(prompt)
+        while len(seq) - len(prompt) < 24:
+            seq.append(int(np.argmax(full_logits(seq)[len(seq) - 1])))
+            if seq[-1] == EOS:
+                break
+        f = done[key]
+        assert f.tokens == seq[len(prompt):]
+        assert f.stop == ("eos" if seq[-1] == EOS else "length")
+        logp = jax.nn.log_softmax(full_logits(seq), axis=-1)
+        fresh = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(f.tokens)]
+        np.testing.assert_allclose(f.logprobs, fresh, atol=1e-4)
+
+
+def test_sampled_threads_do_not_depend_on_slots_or_neighbours(params):
+    sampling = Sampling(temperature=1.0, top_k=20)
+    threads = {f"t{i}": (p, 30) for i, p in enumerate(prompts(6, seed=1))}
+    alone = {k: run(params, {k: v}, slots=1, sampling=sampling)[k].tokens for k, v in list(threads.items())[:2]}
+    crowd = run(params, threads, slots=4, sampling=sampling)
+    wide = run(params, threads, slots=8, sampling=sampling)
+    for k in threads:
+        assert crowd[k].tokens == wide[k].tokens
+    for k, tokens in alone.items():
+        assert crowd[k].tokens == tokens
+    assert len({tuple(f.tokens) for f in crowd.values()}) > 1  # the keys differ per thread
+    greedy = run(params, threads, slots=4)
+    assert any(greedy[k].tokens != crowd[k].tokens for k in threads)
+
+
+def test_continuation_reuses_the_cached_prefix(params, full_logits):
+    engine = Engine(CFG, params, slots=2, eos_id=EOS)
+    first = prompts(1, seed=2)[0]
+    engine.submit("a", first, 10, thread_key(0, 0, "a"))
+    (f,) = engine.step()
+    # Continue with the thread's own text minus its last 3 tokens, plus new tokens (a join block).
+    kept = first + f.tokens[:-3]
+    cont = kept + [5, 6, 7, 8]
+    engine.continue_thread("a", cont, 12, thread_key(0, 0, "b"), new_key="b")
+    with pytest.raises(KeyError):
+        engine.release("a")
+    (g,) = engine.step()
+    assert g.key == "b" and g.slot == f.slot
+    assert g.new_prompt_tokens == len(cont) - len(kept)  # only the new tokens were prefilled
+    seq = list(cont)
+    for _ in range(len(g.tokens)):
+        seq.append(int(np.argmax(full_logits(seq)[len(seq) - 1])))
+    assert g.tokens == seq[len(cont):]
+
+
+def test_stop_sequences_limits_and_context(params):
+    prompt = prompts(1, seed=3)[0]
+    free = run(params, {"x": (prompt, 20)}, slots=1)["x"]
+    assert free.stop == "length" and len(free.tokens) == 20
+    marker = free.tokens[4:6]
+    stopped = run(params, {"x": (prompt, 20)}, slots=1, stop_sequences=[marker, [99, 98, 97]])["x"]
+    first_hit = next(i for i in range(len(free.tokens)) if free.tokens[i:i + 2] == marker)
+    assert stopped.stop == "stop_sequence" and stopped.tokens == free.tokens[:first_hit + 2]
+    # The context bounds prompt + output whatever max_new says.
+    capped = run(params, {"x": (prompt, 500)}, slots=1, context=len(prompt) + 7)["x"]
+    assert len(capped.tokens) == 7 and capped.stop == "length"
+
+
+def test_bad_requests_raise_clear_errors(params):
+    engine = Engine(CFG, params, slots=2, eos_id=EOS, context=16)
+    with pytest.raises(ValueError, match="leaves no room"):
+        engine.submit("x", list(range(1, 17)), 4, thread_key(0, 0, "x"))
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.submit("x", [], 4, thread_key(0, 0, "x"))
+    engine.submit("x", [1, 5], 4, thread_key(0, 0, "x"))
+    with pytest.raises(ValueError, match="already exists"):
+        engine.submit("x", [1, 5], 4, thread_key(0, 0, "x"))
+    with pytest.raises(KeyError, match="not a finished thread"):
+        engine.release("x")
+    with pytest.raises(ValueError, match="context must be"):
+        Engine(CFG, params, slots=2, eos_id=EOS, context=CFG.max_seq_len + 1)
+
+
+def test_sampling_respects_top_k():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 64))
+    keys = jnp.asarray(np.stack([thread_key(0, 0, str(i)) for i in range(64)]))
+    tokens, logp = sample(logits, keys, jnp.zeros(64, jnp.int32), Sampling(temperature=1.0, top_k=2))
+    assert set(np.asarray(tokens).tolist()) == {0, 1}
+    np.testing.assert_allclose(logp, np.log(np.array([0.5, 0.3]))[np.asarray(tokens)], rtol=1e-5)
+    with pytest.raises(ValueError):
+        Sampling(temperature=-1.0)
