@@ -71,7 +71,7 @@ def patch_model(no_attention: bool, flat_matmul: bool) -> None:
     from apr_jax.model import llama
 
     if no_attention:
-        llama.attention = lambda cfg, q, k, v, spec, causal_skip: q
+        llama.attention = lambda cfg, q, k, v, spec: q
     if flat_matmul:
         einsum_matmul = llama._matmul
 

@@ -248,9 +248,9 @@ def test_truncate_never_extends_and_accepts_indices():
 
 
 def test_cache_write_drops_overflow_instead_of_clamping():
-    cache = jnp.zeros((2, 2, 6, 1, 1))  # two layers; only layer 1 is written
+    cache = jnp.zeros((2, 2, 1, 6, 1))  # [layers, rows, heads, slots, head dim]; only layer 1 is written
     new = jnp.arange(1, 5, dtype=jnp.float32).reshape(1, 4, 1, 1).repeat(2, 0)
     out = jit(kv_cache.write)(cache, 1, new, jnp.array([4, 0]), jnp.array([4, 2]))
-    np.testing.assert_array_equal(out[1, 0, :, 0, 0], [0, 0, 0, 0, 1, 2])  # slots 6, 7 fall off the end
-    np.testing.assert_array_equal(out[1, 1, :, 0, 0], [1, 2, 0, 0, 0, 0])  # padding is not written
+    np.testing.assert_array_equal(out[1, 0, 0, :, 0], [0, 0, 0, 0, 1, 2])  # slots 6, 7 fall off the end
+    np.testing.assert_array_equal(out[1, 1, 0, :, 0], [1, 2, 0, 0, 0, 0])  # padding is not written
     np.testing.assert_array_equal(out[0], 0.0)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apr_jax.inference.sampling import GREEDY, Sampling, sample
-from apr_jax.model import forward, init_cache
+from apr_jax.model import forward, init_cache, unstack_layers
 from apr_jax.model.config import LlamaConfig
 from apr_jax.model.kv_cache import KVCache
 
@@ -148,8 +148,8 @@ def _admit(cfg: LlamaConfig, fresh: bool, params, state: SlotState, rows_R, toke
     if fresh:
         sub = init_cache(cfg, rows, prompt_len, big.k.dtype)
         _, sub = forward(cfg, params, tokens_RP, positions_RP, sub, valid_lengths=num_new_R)
-        k = big.k.at[:, rows_R, :prompt_len].set(sub.k, mode="drop")
-        v = big.v.at[:, rows_R, :prompt_len].set(sub.v, mode="drop")
+        k = big.k.at[:, rows_R, :, :prompt_len].set(sub.k, mode="drop")
+        v = big.v.at[:, rows_R, :, :prompt_len].set(sub.v, mode="drop")
     else:
         sub = KVCache(k=big.k[:, rows_R], v=big.v[:, rows_R], lengths=keep_R)
         _, sub = forward(cfg, params, tokens_RP, positions_RP, sub, valid_lengths=num_new_R)
@@ -242,7 +242,7 @@ class Engine:
 
     def __init__(self, cfg: LlamaConfig, params, *, slots: int, eos_id: int, context: int | None = None,
                  sampling: Sampling = GREEDY, stop_sequences: Sequence[Sequence[int]] = (), prompt_quantum: int = 32):
-        self.cfg, self.params, self.sampling = cfg, params, sampling
+        self.cfg, self.params, self.sampling = cfg, unstack_layers(params), sampling
         self.slots, self.eos_id = slots, eos_id
         self.context = cfg.max_seq_len if context is None else context
         if not 2 <= self.context <= cfg.max_seq_len:

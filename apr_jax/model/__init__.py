@@ -2,7 +2,7 @@
 
 from apr_jax.model.config import LlamaConfig, mini, paper, tiny
 from apr_jax.model.kv_cache import KVCache, init_cache, reset, truncate
-from apr_jax.model.llama import forward, init
+from apr_jax.model.llama import forward, init, unstack_layers
 
 __all__ = [
     "KVCache",

@@ -212,10 +212,10 @@ def attention(cfg: LlamaConfig, q_BTNH, k_BTKH, v_BTKH, spec: MaskSpec) -> jax.A
 DECODE_KEY_BLOCK = 128
 
 
-def cached_attention(cfg: LlamaConfig, q_BTNH, k_LBSKH, v_LBSKH, layer, spec: MaskSpec) -> jax.Array:
+def cached_attention(cfg: LlamaConfig, q_BTNH, k_LBKSH, v_LBKSH, layer, spec: MaskSpec) -> jax.Array:
     """Attention of new queries over one layer of a KV cache, read in place (inference only).
 
-    ``k_LBSKH`` / ``v_LBSKH`` are the whole stacked cache (all layers, new keys already written) and
+    ``k_LBKSH`` / ``v_LBKSH`` are the whole stacked cache (all layers, new keys already written) and
     ``layer`` the (traced) layer index: key blocks are sliced straight out of it, so a decode step never
     copies, pads or transposes the whole cache. Key blocks run in a ``fori_loop`` whose trip count is
     traced: only the blocks below the longest row's valid length are read, so a step costs what the rows
@@ -223,7 +223,7 @@ def cached_attention(cfg: LlamaConfig, q_BTNH, k_LBSKH, v_LBSKH, layer, spec: Ma
     Not reverse-differentiable (the trip count is dynamic); training uses :func:`attention`.
     """
     b, t, n, h = q_BTNH.shape
-    s = k_LBSKH.shape[2]
+    s = k_LBKSH.shape[3]
     kh, g = cfg.num_kv_heads, cfg.num_groups
     bq = min(t, cfg.attention_block)
     nq = -(-t // bq)
@@ -241,13 +241,14 @@ def cached_attention(cfg: LlamaConfig, q_BTNH, k_LBSKH, v_LBSKH, layer, spec: Ma
 
     def query_block(args):
         q_BQKGH, q_slot_BQ, q_seg_BQ = args
+        q_BKGQH = q_BQKGH.transpose(0, 2, 3, 1, 4)
 
         def key_block(j, carry):
             m_BKGQ, l_BKGQ, acc_BKGQH = carry
             lo = j * bk
             start = jnp.minimum(lo, s - bk)  # the last block may overlap the previous one; masked below
-            k_BCKH = jax.lax.dynamic_slice(k_LBSKH, (layer, 0, start, 0, 0), (1, b, bk, kh, h))[0]
-            v_BCKH = jax.lax.dynamic_slice(v_LBSKH, (layer, 0, start, 0, 0), (1, b, bk, kh, h))[0]
+            k_BKCH = jax.lax.dynamic_slice(k_LBKSH, (layer, 0, 0, start, 0), (1, b, kh, bk, h))[0]
+            v_BKCH = jax.lax.dynamic_slice(v_LBKSH, (layer, 0, 0, start, 0), (1, b, kh, bk, h))[0]
             k_seg_BC = jax.lax.dynamic_slice_in_dim(spec.k_seg_BS, start, bk, axis=1)
             k_slot_C = start + jnp.arange(bk)
             mask_BQC = (
@@ -256,13 +257,13 @@ def cached_attention(cfg: LlamaConfig, q_BTNH, k_LBSKH, v_LBSKH, layer, spec: Ma
                 & (k_slot_C[None, None, :] < k_limit_B[:, None, None])
                 & (q_seg_BQ[:, :, None] == k_seg_BC[:, None, :])
             )[:, None, None]
-            scores_BKGQC = matmul(cfg, "BQKGH,BCKH->BKGQC", q_BQKGH, k_BCKH) * scale
+            scores_BKGQC = matmul(cfg, "BKGQH,BKCH->BKGQC", q_BKGQH, k_BKCH) * scale
             scores_BKGQC = jnp.where(mask_BQC, scores_BKGQC, _MASK_VALUE)
             m_new_BKGQ = jnp.maximum(m_BKGQ, scores_BKGQC.max(axis=-1))
             p_BKGQC = jnp.where(mask_BQC, jnp.exp(scores_BKGQC - m_new_BKGQ[..., None]), 0.0)
             correction_BKGQ = jnp.exp(m_BKGQ - m_new_BKGQ)
             l_BKGQ = l_BKGQ * correction_BKGQ + p_BKGQC.sum(axis=-1)
-            pv_BKGQH = matmul(cfg, "BKGQC,BCKH->BKGQH", p_BKGQC, v_BCKH)
+            pv_BKGQH = matmul(cfg, "BKGQC,BKCH->BKGQH", p_BKGQC, v_BKCH)
             return m_new_BKGQ, l_BKGQ, acc_BKGQH * correction_BKGQ[..., None] + pv_BKGQH
 
         init = (jnp.full((b, kh, g, bq), _MASK_VALUE), jnp.zeros((b, kh, g, bq)), jnp.zeros((b, kh, g, bq, h)))

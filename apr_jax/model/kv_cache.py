@@ -1,6 +1,6 @@
 """A static-shape key/value cache with one length per row.
 
-Layout: ``k`` and ``v`` are ``[layers, batch, max_len, kv_heads, head_dim]`` and ``lengths[batch]`` counts
+Layout: ``k`` and ``v`` are ``[layers, batch, kv_heads, max_len, head_dim]`` and ``lengths[batch]`` counts
 the valid positions of each row (slots ``0 .. lengths[b] - 1``). Slots at or beyond a row's length hold
 stale data that attention masks out, so rolling a row back (:func:`truncate`) or clearing it (:func:`reset`)
 only changes ``lengths``. Every operation keeps the shapes, so nothing recompiles as rows grow or shrink.
@@ -23,7 +23,8 @@ class KVCache:
     """Keys and values of every layer for a batch of rows (a pytree; all fields are arrays).
 
     Attributes:
-      k: keys, ``[layers, batch, max_len, kv_heads, head_dim]`` (after RoPE).
+      k: keys, ``[layers, batch, kv_heads, max_len, head_dim]`` (after RoPE). Heads before slots: a block of
+        key slots of one row is what attention's batched dots consume without a transpose.
       v: values, same shape as ``k``.
       lengths: ``[batch]`` int32, the number of valid positions of each row.
     """
@@ -38,7 +39,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None, dtype=jnp.float32) -> KVCache:
@@ -46,27 +47,29 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None, dtype=j
     max_len = cfg.max_seq_len if max_len is None else max_len
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"init_cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32)
     )
 
 
 def write(
-    cache_LBSKH: jax.Array, layer, new_BTKH: jax.Array, lengths_B: jax.Array, num_new_B: jax.Array
+    cache_LBKSH: jax.Array, layer, new_BTKH: jax.Array, lengths_B: jax.Array, num_new_B: jax.Array
 ) -> jax.Array:
     """Write the first ``num_new_B[b]`` of ``new_BTKH[b]`` at slots ``lengths_B[b] ...`` of ``layer``.
 
-    ``cache_LBSKH`` is the whole stacked cache and ``layer`` a (traced) layer index: the scatter touches only
+    ``cache_LBKSH`` is the whole stacked cache and ``layer`` a (traced) layer index: the scatter touches only
     the new entries, so inside a loop XLA updates the cache in place. Padding tokens (index
     ``>= num_new_B[b]``) and slots past the end of the cache are dropped, never clamped onto valid entries.
     """
-    batch, max_len = cache_LBSKH.shape[1:3]
+    batch, heads, max_len = cache_LBKSH.shape[1:4]
     steps_T = jnp.arange(new_BTKH.shape[1])
     slots_BT = lengths_B[:, None] + steps_T[None, :]
     slots_BT = jnp.where(steps_T[None, :] < num_new_B[:, None], slots_BT, max_len)  # out of range: dropped
-    rows_BT = jnp.broadcast_to(jnp.arange(batch)[:, None], slots_BT.shape)
-    return cache_LBSKH.at[layer, rows_BT, slots_BT].set(new_BTKH.astype(cache_LBSKH.dtype), mode="drop")
+    rows_B11 = jnp.arange(batch)[:, None, None]
+    heads_1K1 = jnp.arange(heads)[None, :, None]
+    new_BKTH = new_BTKH.swapaxes(1, 2).astype(cache_LBKSH.dtype)
+    return cache_LBKSH.at[layer, rows_B11, heads_1K1, slots_BT[:, None, :]].set(new_BKTH, mode="drop")
 
 
 def _row_mask(cache: KVCache, rows) -> jax.Array:

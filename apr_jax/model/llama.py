@@ -52,7 +52,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with RoPE, optional grouped KV heads and an optional stacked cache.
 
-    ``kv`` is None (causal self-attention over the tokens) or the whole cache ``(k_LBSKH, v_LBSKH)``, into
+    ``kv`` is None (causal self-attention over the tokens) or the whole cache ``(k_LBKSH, v_LBKSH)``, into
     which this layer (index ``layer``) writes its new keys/values before attending over them in place.
     """
 
@@ -118,9 +118,13 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """The decoder; its parameters of the blocks are stacked along a leading layer axis (``nn.scan``)."""
+    """The decoder. Its blocks' parameters are stacked along a leading layer axis (``nn.scan``: one compiled
+    block, the training layout); ``unrolled`` runs the blocks as separate modules ``layer_0 ...`` over the
+    same weights split per layer (:func:`unstack_layers`): decoding then reads each weight in place instead
+    of slicing a copy out of the stack at every step (measured: docs/inference.md)."""
 
     cfg: LlamaConfig
+    unrolled: bool = False
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, spec: MaskSpec, write_at, stacked_kv):
@@ -129,6 +133,13 @@ class Llama(nn.Module):
         embedding_VD = self.param("embedding", init, (cfg.vocab_size, cfg.hidden_size), jnp.float32)
         x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
         sin_BTH, cos_BTH = rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta)
+
+        if self.unrolled:
+            carry = (x_BTD, stacked_kv)
+            for i in range(cfg.num_layers):
+                carry, _ = Block(cfg, name=f"layer_{i}")(carry, sin_BTH, cos_BTH, spec, write_at, i)
+            x_BTD, new_stacked_kv = carry
+            return self._head(x_BTD), new_stacked_kv
 
         block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
         layers = nn.scan(
@@ -140,10 +151,26 @@ class Llama(nn.Module):
         )(cfg, name="layers")
         layer_L = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x_BTD, new_stacked_kv), _ = layers((x_BTD, stacked_kv), sin_BTH, cos_BTH, spec, write_at, layer_L)
+        return self._head(x_BTD), new_stacked_kv
 
+    def _head(self, x_BTD):
+        cfg = self.cfg
         x_BTD = RMSNorm(cfg.norm_eps, name="final_norm")(x_BTD)
-        lm_head_DV = self.param("lm_head", init, (cfg.hidden_size, cfg.vocab_size), jnp.float32)
-        return _matmul(cfg, "BTD,DV->BTV", x_BTD, lm_head_DV), new_stacked_kv
+        lm_head_DV = self.param("lm_head", nn.initializers.normal(cfg.init_std),
+                                (cfg.hidden_size, cfg.vocab_size), jnp.float32)
+        return _matmul(cfg, "BTD,DV->BTV", x_BTD, lm_head_DV)
+
+
+def unstack_layers(params: dict) -> dict:
+    """The same weights with the stacked ``layers`` split into ``layer_0 .. layer_{L-1}`` (the unrolled
+    layout, which :func:`forward` recognises). Use it once, outside jit, for long decoding loops."""
+    if "layers" not in params:
+        return params
+    layers = params["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out.update({f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count)})
+    return out
 
 
 def init(cfg: LlamaConfig, key: jax.Array) -> dict:
@@ -201,7 +228,9 @@ def forward(
         if seg_BT.shape != (b, t):
             raise ValueError(f"segment_ids must have the shape of tokens {(b, t)}, got {seg_BT.shape}")
         spec = MaskSpec(jnp.broadcast_to(jnp.arange(t), (b, t)), seg_BT, seg_BT, num_new_B)
-        logits_BTV, _ = Llama(cfg).apply({"params": params}, tokens, positions, spec, None, None)
+        logits_BTV, _ = Llama(cfg, unrolled="layers" not in params).apply(
+            {"params": params}, tokens, positions, spec, None, None
+        )
         return logits_BTV, None
 
     if segment_ids is not None:
@@ -219,7 +248,7 @@ def forward(
         k_limit_B=cache.lengths + num_new_B,
     )
     write_at = (cache.lengths, num_new_B)
-    logits_BTV, (k, v) = Llama(cfg).apply(
+    logits_BTV, (k, v) = Llama(cfg, unrolled="layers" not in params).apply(
         {"params": params}, tokens, positions, spec, write_at, (cache.k, cache.v)
     )
     return logits_BTV, kvc.KVCache(k=k, v=v, lengths=jnp.minimum(cache.lengths + num_new_B, s))

@@ -1,0 +1,198 @@
+"""Decode throughput: our slot engine vs ``transformers`` ``generate`` (KV cache, CPU), same weights.
+
+Usage::
+
+    python experiments/bench_decode.py --out runs/bench_decode.json        # mini model, 16 and 64 threads
+    python experiments/bench_decode.py --ckpt runs/mini_sft_apr --threads 16 --new-tokens 256
+
+What is measured, each in its own subprocess (clean thread pools and peak memory):
+
+* ``engine``: :class:`apr_jax.inference.engine.Engine` with one slot per thread and the model's full context
+  (4,096 for mini), greedy, EOS disabled so that every thread decodes exactly ``--new-tokens`` tokens;
+  wall time from submission to the last finished thread, after a warm-up run of the same shapes (compiles
+  excluded).
+* ``hf``: the same parameters exported with :func:`apr_jax.export.hf.export_hf` and loaded as
+  ``transformers.LlamaForCausalLM``; ``generate(do_sample=False, min_new_tokens=max_new_tokens=N)`` on the
+  left-padded batch with its default dynamic KV cache, ``torch.set_num_threads(cpu_count)``, after one
+  warm-up call.
+* ``batching``: engine wall time for 10 threads of ``--new-tokens`` decoded together vs 1 alone (the cost of
+  a spawn's children relative to one child).
+
+Prompts are real APR child prompts (``Moving to Node #0,k`` + ``Current State ...``) of random problems.
+Both decoders must produce the same greedy tokens; the script checks that on every thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` child prompts of random 4-number problems, as an APR parent would spawn them."""
+    import random
+
+    from apr_jax.countdown import traces
+
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        nums = [rng.randint(1, 99) for _ in range(4)]
+        a, b = nums[0], nums[1]
+        rest = [nums[2], nums[3], a + b]
+        target = rng.randint(10, 100)
+        out.append(f"{traces.MOVING}0,{k}\n{traces.CURRENT_STATE}{target}:{traces.fmt_nums(rest)}"
+                   f"{traces.OPERATIONS}['{a}+{b}={a + b}']")
+    return out
+
+
+def load_model(args):
+    import dataclasses
+
+    import jax
+
+    from apr_jax import presets
+    from apr_jax.data import tokenizer as tokenization
+    from apr_jax.model import init
+
+    if args.ckpt:
+        from apr_jax.inference.evaluate import load_run_model
+        return load_run_model(args.ckpt)
+    preset = presets.load(args.model)
+    tok = tokenization.build_tokenizer(preset.data.number_mode)
+    cfg = dataclasses.replace(preset.model)
+    return cfg, init(cfg, jax.random.PRNGKey(0)), tok
+
+
+def run_engine(args, threads: int) -> dict:
+    import jax
+    import numpy as np
+
+    from apr_jax.inference.engine import Engine
+    from apr_jax.inference.runtime import Codec
+    from apr_jax.inference.sampling import thread_key
+    from apr_jax.data import tokenizer as tokenization
+
+    cfg, params, tok = load_model(args)
+    _, bos, _ = tokenization.special_ids(tok)
+    codec = Codec(tok, bos, -1)
+    prompts = [codec.prompt_ids(p) for p in child_prompts(threads)]
+
+    def once(new_tokens: int) -> tuple[float, dict]:
+        engine = Engine(cfg, params, slots=threads, eos_id=-1)  # no EOS: every thread decodes new_tokens
+        jax.block_until_ready(engine.state)  # the cache is allocated once per engine, not per request
+        t0 = time.perf_counter()
+        for i, p in enumerate(prompts):
+            engine.submit(i, p, new_tokens, thread_key(0, 0, str(i)))
+        done = {}
+        while not engine.idle:
+            for f in engine.step():
+                done[f.key] = f.tokens
+                engine.release(f.key)
+        jax.block_until_ready(engine.state.cache.k)
+        return time.perf_counter() - t0, done
+
+    once(args.new_tokens)  # compile every shape of the measured run
+    wall, done = once(args.new_tokens)
+    tokens = [done[i] for i in range(threads)]
+    assert all(len(t) == args.new_tokens for t in tokens)
+    return {"wall_s": wall, "tokens_per_s": threads * args.new_tokens / wall, "tokens": tokens,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_hf(args, threads: int) -> dict:
+    import torch
+    import transformers
+
+    from apr_jax.data import tokenizer as tokenization
+    from apr_jax.export.hf import export_hf
+    from apr_jax.inference.runtime import Codec
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg, params, tok = load_model(args)
+    pad, bos, eos = tokenization.special_ids(tok)
+    codec = Codec(tok, bos, eos)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(cfg, params, tmp)
+        model = transformers.LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+    prompts = [codec.prompt_ids(p) for p in child_prompts(threads)]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def once(new_tokens: int):
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, pad_token_id=pad, eos_token_id=None, use_cache=True)
+
+    once(8)
+    t0 = time.perf_counter()
+    out = once(args.new_tokens)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "tokens_per_s": threads * args.new_tokens / wall,
+            "tokens": out[:, width:].tolist(),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def worker(args) -> None:
+    fn = {"engine": run_engine, "hf": run_hf}[args.worker]
+    print(json.dumps(fn(args, args.worker_threads)))
+
+
+def spawn(args, kind: str, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--worker-threads", str(threads),
+           "--new-tokens", str(args.new_tokens), "--model", args.model]
+    if args.ckpt:
+        cmd += ["--ckpt", args.ckpt]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if res.returncode:
+        raise RuntimeError(f"{kind} worker failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="mini", help="preset whose model is benchmarked (random weights)")
+    p.add_argument("--ckpt", help="a training run folder instead (its newest checkpoint)")
+    p.add_argument("--threads", default="16,64", help="concurrent threads, comma-separated")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--out", help="write the results as JSON")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "apr_jax" / "jax"))
+    report = {"model": args.ckpt or args.model, "new_tokens": args.new_tokens, "cpus": os.cpu_count(), "runs": []}
+    for threads in [int(t) for t in args.threads.split(",")]:
+        ours, hf = spawn(args, "engine", threads), spawn(args, "hf", threads)
+        same = sum(a == b for a, b in zip(ours.pop("tokens"), hf.pop("tokens")))
+        row = {"threads": threads, "engine": ours, "hf": hf, "speedup": ours["tokens_per_s"] / hf["tokens_per_s"],
+               "threads_with_identical_tokens": same}
+        report["runs"].append(row)
+        print(f"{threads:3d} threads x {args.new_tokens} tokens: engine {ours['tokens_per_s']:7.0f} tok/s "
+              f"({ours['wall_s']:.2f} s, {ours['peak_rss_mib']:.0f} MiB) | transformers {hf['tokens_per_s']:7.0f} "
+              f"tok/s ({hf['wall_s']:.2f} s, {hf['peak_rss_mib']:.0f} MiB) | {row['speedup']:.2f}x | "
+              f"identical greedy tokens in {same}/{threads} threads", flush=True)
+    one, ten = spawn(args, "engine", 1), spawn(args, "engine", 10)
+    report["batching"] = {"one_child_s": one["wall_s"], "ten_children_s": ten["wall_s"],
+                          "ratio": ten["wall_s"] / one["wall_s"]}
+    print(f"batching: 10 children x {args.new_tokens} tokens in {ten['wall_s']:.2f} s vs 1 child in "
+          f"{one['wall_s']:.2f} s: {report['batching']['ratio']:.2f}x")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
