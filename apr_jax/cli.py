@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-tokens", type=int, help="tokens per problem over all threads (default: no cap)")
     p.add_argument("--sub-call-budget", type=int, help="APR conditioning prefix 'Sub Call Budget: N'")
     p.add_argument("--token-budget", type=int, help="SoS+ conditioning prefix 'Token Budget: N'")
-    p.add_argument("--keep-tokens", action="store_true", help="also save token ids and log-probs per thread")
+    p.add_argument("--keep-tokens", action="store_true",
+                   help="also save prompt/output token ids and log-probs per thread")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="per-problem results (JSON Lines; summary beside it)")
     p.set_defaults(fn=cmd_eval)

@@ -401,14 +401,15 @@ class Engine:
         done = [s for s, r in enumerate(self._rows) if r is not None and r.running and stop[s] != STOP_NONE]
         if not done:
             return []
-        out, logp = jax.device_get((self.state.out[np.array(done)], self.state.logp[np.array(done)]))
+        # Whole buffers (a few MB): indexing on device would compile a gather per number of finished rows.
+        out, logp = jax.device_get((self.state.out, self.state.logp))
         now, finished = self.now(), []
-        for i, slot in enumerate(done):
+        for slot in done:
             row, n = self._rows[slot], int(count[slot])
-            tokens = out[i, :n].tolist()
+            tokens = out[slot, :n].tolist()
             row.ids += tokens
             row.running = False
             finished.append(Finished(row.key, slot, row.prompt_len, row.new_prompt_tokens, tokens,
-                                     logp[i, :n].tolist(), STOP_NAMES[int(stop[slot])], row.start_step, self.steps,
+                                     logp[slot, :n].tolist(), STOP_NAMES[int(stop[slot])], row.start_step, self.steps,
                                      row.start_s, now))
         return finished

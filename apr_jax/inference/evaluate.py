@@ -82,8 +82,8 @@ def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunCon
     if not keep_tokens:
         for r in results:
             for t in r["threads"]:
-                t.pop("token_ids", None)
-                t.pop("logprobs", None)
+                for field in ("prompt_ids", "token_ids", "logprobs"):
+                    t.pop(field, None)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -172,7 +172,7 @@ class Runtime:
         left = self._budget_left(prob)
         for rec in recs:
             ids = self.codec.prompt_ids(rec["prompt"])
-            rec["prompt_tokens"] = len(ids)
+            rec["prompt_tokens"], rec["prompt_ids"] = len(ids), ids
             room = self.context - len(ids)
             share = None if left is None else (left - len(ids)) // len(recs)
             if room < 1:

@@ -1,0 +1,37 @@
+"""GRPO stage (Pan et al. 2025, arXiv 2504.15466, Sec. 4): configuration, the clipped-surrogate + k3 KL
+objective aggregated over whole thread trees, and the conversion of rollout records into padded batches."""
+
+from apr_jax.rl.config import GRPOConfig
+from apr_jax.rl.objective import (
+    aggregate,
+    clip_active,
+    clipped_surrogate,
+    group_advantages,
+    grpo_loss,
+    importance_ratio,
+    k3_kl,
+    masked_mean,
+    reward,
+    rollout_sizes,
+    token_logprobs,
+)
+from apr_jax.rl.sequences import Sequence, bucket_width, pad_batch, rollout_sequences
+
+__all__ = [
+    "GRPOConfig",
+    "Sequence",
+    "aggregate",
+    "bucket_width",
+    "clip_active",
+    "clipped_surrogate",
+    "group_advantages",
+    "grpo_loss",
+    "importance_ratio",
+    "k3_kl",
+    "masked_mean",
+    "pad_batch",
+    "reward",
+    "rollout_sequences",
+    "rollout_sizes",
+    "token_logprobs",
+]

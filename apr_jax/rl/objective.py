@@ -1,0 +1,146 @@
+"""The GRPO objective through whole APR thread trees (Pan et al. 2025, arXiv 2504.15466, Sec. 4).
+
+Every sequence (row) of a batch is one language-model call of a rollout: a parent call, a parent
+continuation after a join, or a child thread. All sequences of a rollout share the rollout's group-normalised
+advantage. Per token, the loss is the PPO clipped surrogate plus ``beta`` times the k3 KL estimate against
+the frozen SFT reference; only sampled tokens count (``mask_BT``). The per-token loss is averaged within each
+sequence, divided by the number of sequences of its rollout, summed over sequences and divided by the number
+of rollouts (:func:`aggregate`), so every rollout weighs the same however many threads it spawned.
+
+All array functions are pure ``jax.numpy``, jit-compatible and free of Python control flow on traced values.
+Shape suffixes: ``B`` batch rows (sequences), ``T`` tokens, ``V`` vocabulary, ``G`` group members.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from apr_jax.rl.config import GRPOConfig
+
+
+def group_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-10) -> jax.Array:
+    """``(r - mean_g) / (std_g + eps)`` within each group of ``group_size`` contiguous rollouts.
+
+    ``std_g`` is the population standard deviation (ddof 0). A group whose rewards are all equal gets
+    advantage 0 for every member. ``len(rewards_B)`` must be a multiple of ``group_size``.
+    """
+    if rewards_B.shape[0] % group_size:
+        raise ValueError(f"group_advantages: {rewards_B.shape[0]} rewards are not a multiple of "
+                         f"group_size {group_size}")
+    rewards_PG = rewards_B.astype(jnp.float32).reshape(-1, group_size)
+    mean_P1 = rewards_PG.mean(axis=1, keepdims=True)
+    std_P1 = rewards_PG.std(axis=1, keepdims=True)
+    return ((rewards_PG - mean_P1) / (std_P1 + eps)).reshape(-1)
+
+
+def reward(verified: bool, sequential_tokens: int, children: int, cfg: GRPOConfig) -> float:
+    """``verified - sequential_token_penalty * (sequential_tokens / 1000) - children_penalty * children``.
+
+    ``verified`` is whether the final parent answer verifies; with the default (zero) penalties the
+    reward is the paper's binary 1 / 0.
+    """
+    return (float(verified) - cfg.sequential_token_penalty * (sequential_tokens / 1000.0)
+            - cfg.children_penalty * children)
+
+
+def importance_ratio(logp_BT: jax.Array, old_logp_BT: jax.Array) -> jax.Array:
+    """``exp(logp - old_logp)``: the policy ratio of each token against the sampling policy."""
+    return jnp.exp(logp_BT.astype(jnp.float32) - old_logp_BT.astype(jnp.float32))
+
+
+def clipped_surrogate(ratio_BT: jax.Array, adv_B: jax.Array, eps: float) -> jax.Array:
+    """Per-token PPO loss ``-min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)``, ``A`` broadcast over T."""
+    adv_B1 = adv_B.astype(jnp.float32)[:, None]
+    unclipped_BT = ratio_BT * adv_B1
+    clipped_BT = jnp.clip(ratio_BT, 1.0 - eps, 1.0 + eps) * adv_B1
+    return -jnp.minimum(unclipped_BT, clipped_BT)
+
+
+def clip_active(ratio_BT: jax.Array, adv_B: jax.Array, eps: float) -> jax.Array:
+    """Bool per token: the clipped term is the one selected by the min and differs from the unclipped one.
+
+    That is ``A > 0`` with ``ratio > 1 + eps``, or ``A < 0`` with ``ratio < 1 - eps`` (no gradient flows).
+    """
+    adv_B1 = adv_B.astype(jnp.float32)[:, None]
+    return jnp.clip(ratio_BT, 1.0 - eps, 1.0 + eps) * adv_B1 < ratio_BT * adv_B1
+
+
+def k3_kl(logp_BT: jax.Array, ref_logp_BT: jax.Array) -> jax.Array:
+    """Per-token k3 KL estimate ``exp(ref - lp) - (ref - lp) - 1`` (>= 0, zero iff ``lp == ref``)."""
+    log_ratio_BT = ref_logp_BT.astype(jnp.float32) - logp_BT.astype(jnp.float32)
+    return jnp.exp(log_ratio_BT) - log_ratio_BT - 1.0
+
+
+def rollout_sizes(rollout_B: jax.Array) -> jax.Array:
+    """Number of rows of the batch in each row's rollout (0 for padding rows, ``rollout_B == -1``)."""
+    valid_B = rollout_B >= 0
+    same_BB = (rollout_B[:, None] == rollout_B[None, :]) & valid_B[None, :]
+    return jnp.where(valid_B, same_BB.sum(axis=1), 0).astype(jnp.int32)
+
+
+def masked_mean(x_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """Mean of ``x_BT`` over the True entries of ``mask_BT`` (0 when the mask is empty)."""
+    return jnp.where(mask_BT, x_BT, 0.0).sum() / jnp.maximum(mask_BT.sum().astype(jnp.float32), 1.0)
+
+
+def aggregate(per_token_BT: jax.Array, mask_BT: jax.Array, rollout_B: jax.Array,
+              num_rollouts: int | jax.Array, rollout_size_B: jax.Array | None = None) -> jax.Array:
+    """``sum_i mean_t(loss_it over mask) / n_rollout(i) / num_rollouts`` over valid rows ``i``.
+
+    Args:
+      per_token_BT: per-token loss.
+      mask_BT: True on the tokens that carry loss (sampled tokens).
+      rollout_B: rollout index of each row in ``[0, num_rollouts)``; ``-1`` marks a padding row, which
+        is ignored entirely.
+      num_rollouts: number of rollouts the loss is averaged over (a Python or traced number).
+      rollout_size_B: number of sequences of each row's rollout. ``None`` counts the rows of that rollout
+        present in this batch; pass the full counts when a rollout's sequences are split over several
+        micro-batches, so that the micro-batch losses sum to the loss of the whole step.
+
+    A valid row whose mask is empty contributes 0 (no NaN).
+    """
+    per_token_BT = jnp.where(mask_BT, per_token_BT, 0.0)
+    seq_mean_B = per_token_BT.sum(axis=1) / jnp.maximum(mask_BT.sum(axis=1).astype(jnp.float32), 1.0)
+    sizes_B = rollout_sizes(rollout_B) if rollout_size_B is None else rollout_size_B
+    weight_B = jnp.where(rollout_B >= 0, 1.0 / jnp.maximum(sizes_B.astype(jnp.float32), 1.0), 0.0)
+    return (seq_mean_B * weight_B).sum() / num_rollouts
+
+
+def grpo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, ref_logp_BT: jax.Array, adv_B: jax.Array,
+              mask_BT: jax.Array, rollout_B: jax.Array, num_rollouts: int | jax.Array, clip_epsilon: float,
+              kl_beta: float, rollout_size_B: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """GRPO loss ``aggregate(clipped_surrogate + kl_beta * k3_kl)`` and its metrics.
+
+    ``logp_BT`` are the current policy's log-probs of the targets (differentiated), ``old_logp_BT`` the
+    sampling policy's and ``ref_logp_BT`` the frozen reference's. See :func:`aggregate` for ``rollout_B``,
+    ``num_rollouts`` and ``rollout_size_B``.
+
+    Log-probs outside ``mask_BT`` are replaced by 0 before any exponential, so padding can produce
+    neither an overflow nor a NaN gradient.
+
+    Metrics: ``surrogate`` and ``kl`` (each aggregated like the loss, so ``loss = surrogate + beta * kl``),
+    ``clip_fraction`` (fraction of masked tokens where the clip is active, :func:`clip_active`) and
+    ``ratio_mean`` (mean importance ratio over masked tokens).
+    """
+    logp_BT, old_logp_BT, ref_logp_BT = (jnp.where(mask_BT, x_BT.astype(jnp.float32), 0.0)
+                                         for x_BT in (logp_BT, old_logp_BT, ref_logp_BT))
+    ratio_BT = importance_ratio(logp_BT, old_logp_BT)
+    surrogate = aggregate(clipped_surrogate(ratio_BT, adv_B, clip_epsilon), mask_BT, rollout_B,
+                          num_rollouts, rollout_size_B)
+    kl = aggregate(k3_kl(logp_BT, ref_logp_BT), mask_BT, rollout_B, num_rollouts, rollout_size_B)
+    token_mask_BT = mask_BT.astype(jnp.bool_) & (rollout_B >= 0)[:, None]
+    metrics = {
+        "surrogate": surrogate,
+        "kl": kl,
+        "clip_fraction": masked_mean(clip_active(ratio_BT, adv_B, clip_epsilon).astype(jnp.float32),
+                                     token_mask_BT),
+        "ratio_mean": masked_mean(ratio_BT, token_mask_BT),
+    }
+    return surrogate + kl_beta * kl, metrics
+
+
+def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """``log_softmax(logits)[b, t, targets[b, t]]`` in float32."""
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_BTV, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
