@@ -25,7 +25,7 @@ def _apply_sets(preset: presets.Preset, sets: list[str]) -> presets.Preset:
             raise SystemExit(f"--set expects STAGE.FIELD=VALUE, got {item!r}")
         lhs, value = item.split("=", 1)
         stage, field = lhs.split(".", 1)
-        if stage not in ("data", "model", "train") or getattr(preset, stage) is None:
+        if stage not in ("data", "model", "train", "rl") or getattr(preset, stage) is None:
             raise SystemExit(f"--set: preset {preset.name!r} has no stage {stage!r}")
         preset = dataclasses.replace(preset, **{stage: presets.override(getattr(preset, stage), **{field: value})})
     return preset
@@ -124,6 +124,26 @@ def cmd_eval(args) -> int:
           f"sequential; children {summary['mean_children']:.2f}; {summary['wall_s']:.1f} s "
           f"({summary['generated_tokens_per_s']:.0f} generated tokens/s) -> {args.out}", file=sys.stderr)
     print(json.dumps(summary))
+    return 0
+
+
+def cmd_rl(args) -> int:
+    """GRPO from an SFT run (its method, model, tokenizer and data) into a new run folder."""
+    from apr_jax.rl import grpo
+    from apr_jax.rl.config import METHOD_KL_BETA
+    from apr_jax.train.checkpoint import read_run_config
+
+    preset = presets.load(args.preset)
+    method = read_run_config(args.init)["method"]
+    cfg = dataclasses.replace(preset.rl, kl_beta=METHOD_KL_BETA[method])
+    preset = _apply_sets(dataclasses.replace(preset, rl=cfg), args.set)
+    cfg = presets.override(preset.rl, steps=args.steps, problems_per_step=args.problems_per_step,
+                           group_size=args.group_size, seed=args.seed)
+    loop = grpo.LoopConfig(slots=args.slots, micro_batch=args.micro_batch, context=args.context,
+                           max_total_tokens=args.max_total_tokens, eval_every=args.eval_every,
+                           eval_problems=args.eval_problems, ckpt_every=args.ckpt_every)
+    summary = grpo.train(args.init, args.out, cfg, loop, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary, default=str))
     return 0
 
 
@@ -228,6 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="per-problem results (JSON Lines; summary beside it)")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("rl", help="GRPO through whole thread trees, starting from an SFT run")
+    _add_preset(p)
+    p.add_argument("--init", required=True, help="the SFT run folder to start from (and keep as reference)")
+    p.add_argument("--out", required=True, help="RL run folder (checkpoints, metrics.jsonl, rl.png)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--problems-per-step", type=int)
+    p.add_argument("--group-size", type=int, help="rollouts per problem (G)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--slots", type=int, default=16, help="threads decoded at once")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per update micro-batch")
+    p.add_argument("--context", type=int, help="tokens per thread (default: the model's context)")
+    p.add_argument("--max-total-tokens", type=int, help="per-problem token budget of a rollout")
+    p.add_argument("--eval-every", type=int, default=10, help="greedy validation every N steps (0: never)")
+    p.add_argument("--eval-problems", type=int, default=200)
+    p.add_argument("--ckpt-every", type=int, default=5)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_rl)
 
     p = sub.add_parser("view", help="draw one problem's thread tree and slot timeline (HTML or PNG)")
     p.add_argument("result", help="a results file written by `apr-jax eval`")

@@ -22,6 +22,7 @@ class Preset:
     data: Any  # apr_jax.data.config.DataConfig
     model: Any = None  # apr_jax.model.config.LlamaConfig
     train: Any = None  # apr_jax.train.config.SFTConfig
+    rl: Any = None  # apr_jax.rl.config.GRPOConfig (its kl_beta is set per method by the rl command)
 
 
 def load(name: str) -> Preset:

@@ -4,6 +4,7 @@
 from apr_jax.data.config import DataConfig
 from apr_jax.model import config as model_config
 from apr_jax.presets import Preset
+from apr_jax.rl.config import GRPOConfig
 from apr_jax.train import config as train_config
 from configs._common import model_vocab
 
@@ -11,4 +12,4 @@ from configs._common import model_vocab
 def get_config() -> Preset:
     data = DataConfig(num_train=500_000, num_val=1_000, number_mode="digits", context=4096)
     return Preset(name="paper", data=data, model=model_config.paper(model_vocab(data)),
-                  train=train_config.paper())
+                  train=train_config.paper(), rl=GRPOConfig())

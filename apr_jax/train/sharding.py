@@ -108,8 +108,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a ``[rows, T]`` batch array: rows over every device."""
-    return NamedSharding(mesh, logical_to_spec(("batch", "length")))
+    """Sharding of a ``[rows, ...]`` batch array of any rank: rows over every device, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",)))
 
 
 def micro_batch_spec() -> P:
