@@ -90,6 +90,17 @@ def _block_inputs(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec, i, j):
     return q_BKGQH, k_BKCH, v_BKCH, scores_BKGQC, mask_BQC[:, None, None]
 
 
+def _online_softmax(cfg, m_BKGQ, l_BKGQ, acc_BKGQH, scores_BKGQC, mask, v_BKCH):
+    """One key block of the online softmax: new running max, normaliser and unnormalised output."""
+    scores_BKGQC = jnp.where(mask, scores_BKGQC, _MASK_VALUE)
+    m_new_BKGQ = jnp.maximum(m_BKGQ, scores_BKGQC.max(axis=-1))
+    p_BKGQC = jnp.where(mask, jnp.exp(scores_BKGQC - m_new_BKGQ[..., None]), 0.0)
+    correction_BKGQ = jnp.exp(m_BKGQ - m_new_BKGQ)
+    l_BKGQ = l_BKGQ * correction_BKGQ + p_BKGQC.sum(axis=-1)
+    pv_BKGQH = matmul(cfg, "BKGQC,BKCH->BKGQH", p_BKGQC, v_BKCH)
+    return m_new_BKGQ, l_BKGQ, acc_BKGQH * correction_BKGQ[..., None] + pv_BKGQH
+
+
 def _flash_forward(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec):
     """Online-softmax attention over the block pairs; returns the output and the log-sum-exp."""
     b, kh, g, t, h = q_BKGTH.shape
@@ -103,13 +114,7 @@ def _flash_forward(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec):
         l_BKGQ = jnp.where(fresh, 0.0, l_BKGQ)
         acc_BKGQH = jnp.where(fresh, 0.0, acc_BKGQH)
         _, _, v_BKCH, scores_BKGQC, mask = _block_inputs(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec, i, j)
-        scores_BKGQC = jnp.where(mask, scores_BKGQC, _MASK_VALUE)
-        m_new_BKGQ = jnp.maximum(m_BKGQ, scores_BKGQC.max(axis=-1))
-        p_BKGQC = jnp.where(mask, jnp.exp(scores_BKGQC - m_new_BKGQ[..., None]), 0.0)
-        correction_BKGQ = jnp.exp(m_BKGQ - m_new_BKGQ)
-        l_BKGQ = l_BKGQ * correction_BKGQ + p_BKGQC.sum(axis=-1)
-        pv_BKGQH = matmul(cfg, "BKGQC,BKCH->BKGQH", p_BKGQC, v_BKCH)
-        acc_BKGQH = acc_BKGQH * correction_BKGQ[..., None] + pv_BKGQH
+        m_new_BKGQ, l_BKGQ, acc_BKGQH = _online_softmax(cfg, m_BKGQ, l_BKGQ, acc_BKGQH, scores_BKGQC, mask, v_BKCH)
         # Rewritten at every key block; the last write of a query block is the final value.
         out_BKGQH = acc_BKGQH / jnp.maximum(l_BKGQ, 1e-30)[..., None]
         lse_BKGQ = jnp.where(l_BKGQ > 0, m_new_BKGQ + jnp.log(jnp.maximum(l_BKGQ, 1e-30)), 0.0)
@@ -258,13 +263,7 @@ def cached_attention(cfg: LlamaConfig, q_BTNH, k_LBKSH, v_LBKSH, layer, spec: Ma
                 & (q_seg_BQ[:, :, None] == k_seg_BC[:, None, :])
             )[:, None, None]
             scores_BKGQC = matmul(cfg, "BKGQH,BKCH->BKGQC", q_BKGQH, k_BKCH) * scale
-            scores_BKGQC = jnp.where(mask_BQC, scores_BKGQC, _MASK_VALUE)
-            m_new_BKGQ = jnp.maximum(m_BKGQ, scores_BKGQC.max(axis=-1))
-            p_BKGQC = jnp.where(mask_BQC, jnp.exp(scores_BKGQC - m_new_BKGQ[..., None]), 0.0)
-            correction_BKGQ = jnp.exp(m_BKGQ - m_new_BKGQ)
-            l_BKGQ = l_BKGQ * correction_BKGQ + p_BKGQC.sum(axis=-1)
-            pv_BKGQH = matmul(cfg, "BKGQC,BKCH->BKGQH", p_BKGQC, v_BKCH)
-            return m_new_BKGQ, l_BKGQ, acc_BKGQH * correction_BKGQ[..., None] + pv_BKGQH
+            return _online_softmax(cfg, m_BKGQ, l_BKGQ, acc_BKGQH, scores_BKGQC, mask_BQC, v_BKCH)
 
         init = (jnp.full((b, kh, g, bq), _MASK_VALUE), jnp.zeros((b, kh, g, bq)), jnp.zeros((b, kh, g, bq, h)))
         _, l_BKGQ, acc_BKGQH = jax.lax.fori_loop(0, num_key_blocks, key_block, init)
