@@ -136,3 +136,36 @@ def test_sampling_respects_top_k():
     np.testing.assert_allclose(logp, np.log(np.array([0.5, 0.3]))[np.asarray(tokens)], rtol=1e-5)
     with pytest.raises(ValueError):
         Sampling(temperature=-1.0)
+
+
+def test_evaluation_resumes_from_its_partial_results(tmp_path):
+    import json
+
+    from apr_jax.data import tokenizer as T
+    from apr_jax.inference.evaluate import evaluate
+    from apr_jax.inference.runtime import RunConfig
+
+    tok = T.build_tokenizer("digits")
+    cfg = dataclasses.replace(config.tiny(128), max_seq_len=64)
+    params = init(cfg, jax.random.PRNGKey(1))
+    problems = [{"id": 10 + i, "nums": [3, 5, i + 1], "target": 12} for i in range(4)]
+    run = RunConfig("sc", samples=2)
+    sampling = Sampling(temperature=1.0)
+    full, _ = evaluate(cfg, params, tok, problems, run, slots=3, sampling=sampling, out=tmp_path / "full.jsonl",
+                       progress=False)
+    assert not (tmp_path / "full.jsonl.partial").exists()
+    # A run killed after two problems left these two lines (and its settings) behind.
+    out = tmp_path / "res.jsonl"
+    assert json.loads((tmp_path / "full.jsonl").read_text().splitlines()[0])["problem"]["id"] == 10
+    evaluate(cfg, params, tok, problems[:2], run, slots=3, sampling=sampling, out=tmp_path / "part.jsonl",
+             progress=False)
+    (tmp_path / "res.jsonl.partial").write_text((tmp_path / "part.jsonl").read_text())
+    header = json.dumps({"run": dataclasses.asdict(run), "sampling": dataclasses.asdict(sampling), "context": 64},
+                        sort_keys=True)
+    (tmp_path / "res.jsonl.partial.json").write_text(header)
+    resumed, summary = evaluate(cfg, params, tok, problems, run, slots=2, sampling=sampling, out=out,
+                                progress=False)
+    assert summary["resumed_problems"] == 2
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("threads", "wall_s")} for r in rs]  # noqa: E731
+    assert strip(resumed) == strip(full)
+    assert [t["output"] for r in resumed for t in r["threads"]] == [t["output"] for r in full for t in r["threads"]]

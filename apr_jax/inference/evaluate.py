@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -44,11 +45,25 @@ def load_problems(ckpt: str | Path | None, problems_file: str | Path | None, n: 
     return problems[:n] if n else problems
 
 
+def _strip(result: dict, keep_tokens: bool) -> dict:
+    if not keep_tokens:
+        for t in result["threads"]:
+            for field in ("prompt_ids", "token_ids", "logprobs"):
+                t.pop(field, None)
+    return result
+
+
 def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunConfig, *, slots: int = 16,
              context: int | None = None, sampling: Sampling = GREEDY, out: str | Path | None = None,
-             keep_tokens: bool = False, progress: bool = True) -> tuple[list[dict], dict]:
-    """Solve ``problems`` with the engine; returns the per-problem results and a summary (also written as
-    ``out`` (JSON Lines) and ``out`` with suffix ``.summary.json`` when ``out`` is given)."""
+             keep_tokens: bool = False, progress: bool = True, resume: bool = True) -> tuple[list[dict], dict]:
+    """Solve ``problems`` with the engine; returns the per-problem results (input order) and a summary.
+
+    With ``out``, each result is appended to ``out.partial`` as its problem finishes; at the end the results
+    are written to ``out`` (JSON Lines, input order) and the summary to ``out`` with suffix
+    ``.summary.json``. A killed evaluation keeps its partial file, and a rerun with ``resume`` (the default)
+    solves only the problems it lacks: problems are matched by index and ``id``, and the runtime's seeded,
+    per-thread keys make the missing results what an uninterrupted run would have produced.
+    """
     from apr_jax.data import tokenizer as tokenization
 
     _, bos, eos = tokenization.special_ids(tokenizer)
@@ -56,39 +71,69 @@ def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunCon
     engine = Engine(model_cfg, params, slots=slots, eos_id=eos, context=context, sampling=sampling,
                     stop_sequences=[codec.ids(traces.JOIN_OPEN)])
     runtime = Runtime(engine, codec, run)
+    keyed = [{**p, "id": p.get("id", i)} for i, p in enumerate(problems)]
+    done: dict[object, dict] = {}
+    partial = None if out is None else Path(str(out) + ".partial")
+    settings = json.dumps({"run": dataclasses.asdict(run), "sampling": dataclasses.asdict(sampling),
+                           "context": engine.context}, sort_keys=True)
+    if partial is not None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        header = Path(str(partial) + ".json")
+        if partial.exists() and (not resume or not header.exists() or header.read_text() != settings):
+            partial.unlink()  # another evaluation's leftovers: start over
+        header.write_text(settings)
+        if partial.exists():
+            wanted = {p["id"] for p in keyed}
+            for line in partial.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by the kill
+                if record["problem"]["id"] in wanted and record["mode"] == run.mode:
+                    done[record["problem"]["id"]] = record
+        partial.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+    todo = [p for p in keyed if p["id"] not in done]
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(problems), desc=f"eval[{run.mode}]", unit="problem")
-    solved = [0]
+        bar = tqdm(total=len(keyed), initial=len(done), desc=f"eval[{run.mode}]", unit="problem")
+    solved = [sum(r["correct"] for r in done.values())]
+    sink = None if partial is None else open(partial, "a", encoding="utf-8")
 
     def on_result(result: dict) -> None:
         solved[0] += result["correct"]
+        if sink is not None:
+            sink.write(json.dumps(_strip(dict(result, threads=[dict(t) for t in result["threads"]]),
+                                         keep_tokens)) + "\n")
+            sink.flush()
         if bar is not None:
             bar.update(1)
             bar.set_postfix(acc=f"{solved[0] / bar.n:.3f}", steps=engine.steps)
 
     t0 = time.perf_counter()
-    results = runtime.solve(problems, on_result=on_result)
+    try:
+        fresh = runtime.solve(todo, on_result=on_result)
+    finally:
+        if sink is not None:
+            sink.close()
     wall = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    generated = sum(t["tokens"] for r in results for t in r["threads"])
-    summary = {"mode": run.mode, **summarize(results), "wall_s": round(wall, 2),
+    by_id = {**done, **{r["problem"]["id"]: r for r in fresh}}
+    results = [by_id[p["id"]] for p in keyed]
+    generated = sum(t["tokens"] for r in fresh for t in r["threads"])
+    summary = {"mode": run.mode, **summarize(results), "wall_s": round(wall, 2), "resumed_problems": len(done),
                "generated_tokens": generated, "generated_tokens_per_s": round(generated / max(wall, 1e-9), 1),
                "decode_steps": engine.steps, "dispatches": engine.dispatches, "slots": slots,
                "context": engine.context, "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k},
                "seed": run.seed, "samples": run.samples, "budgets": vars(run.budgets)}
-    if not keep_tokens:
-        for r in results:
-            for t in r["threads"]:
-                for field in ("prompt_ids", "token_ids", "logprobs"):
-                    t.pop(field, None)
+    results = [_strip(r, keep_tokens) for r in results]
     if out is not None:
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
         tmp.replace(out)
         out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        partial.unlink()
+        Path(str(partial) + ".json").unlink()
     return results, summary
