@@ -157,7 +157,7 @@ def cmd_view(args) -> int:
 
 def cmd_info(args) -> int:
     preset = _apply_sets(presets.load(args.preset), args.set)
-    for stage in ("data", "model", "train"):
+    for stage in ("data", "model", "train", "rl"):
         cfg = getattr(preset, stage)
         if cfg is not None:
             print(f"[{stage}] {cfg}")
