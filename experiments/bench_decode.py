@@ -50,8 +50,8 @@ def child_prompts(n: int, seed: int = 0) -> list[str]:
         a, b = nums[0], nums[1]
         rest = [nums[2], nums[3], a + b]
         target = rng.randint(10, 100)
-        out.append(f"{traces.MOVING}0,{k}\n{traces.CURRENT_STATE}{target}:{traces.fmt_nums(rest)}"
-                   f"{traces.OPERATIONS}['{a}+{b}={a + b}']")
+        # what traces.child_prompt builds from a parent's "Generated Node #0,k" line (no trailing newline)
+        out.append(traces.moving_line(f"0,{k}") + traces.state_line(target, rest, [f"{a}+{b}={a + b}"])[:-1])
     return out
 
 

@@ -100,3 +100,10 @@ def test_mutated_golden_calls_never_crash_the_parsers(golden_apr, data):
             pass
     assert traces.solution_path(mutated) is None or "Goal Reached" in mutated
     traces.ends_with_spawn(mutated)
+
+
+def test_path_operations_reads_exploring_lines_and_skips_garbage():
+    path = ("Exploring Operation: 53-22=31, Resulting Numbers: [26, 31, 31]\n}}}garbage\n"
+            "Exploring Operation: 31/31=1, Resulting Numbers: [26, 1]\n27,27 equal: Goal Reached\n")
+    assert traces.path_operations(path) == ("53-22=31", "31/31=1")
+    assert traces.path_operations(None) == ()

@@ -306,6 +306,20 @@ def solution_path(text: str) -> str | None:
     return path + "\n" if start <= end else None
 
 
+def path_operations(path: str | None) -> tuple[str, ...]:
+    """The operations (``'53-22=31'``) of a solution path's ``Exploring Operation`` lines, in order; lines
+    outside the grammar (model output may hold any) are skipped. How answers are compared and voted."""
+    ops = []
+    for line in (path or "").split("\n"):
+        try:
+            parsed = parse_line(line)
+        except TraceFormatError:
+            continue
+        if parsed.kind == "exploring":
+            ops.append(parsed.fields[0])
+    return tuple(ops)
+
+
 def child_return(child_text: str) -> str | None:
     """What a child returns to its parent: its solution path, or ``None`` (reported as no solution)."""
     return solution_path(child_text)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
@@ -110,14 +109,6 @@ class RunConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
-
-
-_OPS_RE = re.compile(r"Exploring Operation: (\S+?),")
-
-
-def answer_ops(path: str | None) -> tuple[str, ...]:
-    """The operations of a solution path, in order (the key answers are voted and matched by)."""
-    return tuple(_OPS_RE.findall(path or ""))
 
 
 @dataclasses.dataclass
@@ -248,8 +239,7 @@ class Runtime:
                        "join_marker": "the model wrote a join marker ('<Sub Searches>') itself"}
             reason = reasons.get(rec["stop"], "")
             if not reason and traces.SPAWN_OPEN in rec["output"] and traces.SPAWN_CLOSE not in rec["output"]:
-                reason = "the spawn block was never closed"
-            rec["stop"] = "spawn_unclosed" if reason == "the spawn block was never closed" else rec["stop"]
+                rec["stop"], reason = "spawn_unclosed", "the spawn block was never closed"
             self._end(prob, text, reason)
             return
         rec["stop"] = "spawn"
@@ -345,12 +335,12 @@ class Runtime:
         verdict = game.verify_path(prob.nums, prob.target, path)
         out["correct"] = verdict.ok
         out["reason"] = verdict.reason if verdict.ok or not prob.reason else f"{prob.reason}; {verdict.reason}"
-        ops = answer_ops(path)
+        ops = traces.path_operations(path)
         for t in prob.threads:
             if t["role"] == "parent":
                 t["on_answer_path"] = True
             elif t["role"] == "child" and t["stop"] == "eos":
-                ret = answer_ops(traces.child_return(t["prompt"] + t["output"]))
+                ret = traces.path_operations(traces.child_return(t["prompt"] + t["output"]))
                 t["on_answer_path"] = bool(ret) and ops[-len(ret):] == ret
 
     def _vote(self, prob: _Problem, out: dict) -> None:
@@ -360,18 +350,19 @@ class Runtime:
             ok = path is not None and game.verify_path(prob.nums, prob.target, path).ok
             samples.append({"path": t["path"], "answer": path, "correct": ok})
         out["samples"] = [{"answer": s["answer"], "correct": s["correct"]} for s in samples]
-        valid = [s for s in samples if s["answer"] is not None]
         out["pass"] = any(s["correct"] for s in samples)
-        if not valid:
+        if all(s["answer"] is None for s in samples):
             out["reason"] = "no sample wrote a solution path"
             return
-        counts = collections.Counter(answer_ops(s["answer"]) for s in valid)
+        ops = [traces.path_operations(s["answer"]) for s in samples]
+        counts = collections.Counter(o for o, s in zip(ops, samples) if s["answer"] is not None)
         best = max(counts.values())
-        winner = next(s for s in valid if counts[answer_ops(s["answer"])] == best)  # ties: earliest sample
+        winner, winner_ops = next((s, o) for o, s in zip(ops, samples)  # ties: the earliest sample
+                                  if s["answer"] is not None and counts[o] == best)
         out["answer"], out["correct"] = winner["answer"], winner["correct"]
         out["reason"] = "ok" if winner["correct"] else "the majority answer does not verify"
-        for s, t in zip(samples, prob.threads):
-            t["on_answer_path"] = s["answer"] is not None and answer_ops(s["answer"]) == answer_ops(winner["answer"])
+        for o, s, t in zip(ops, samples, prob.threads):
+            t["on_answer_path"] = s["answer"] is not None and o == winner_ops
 
     # ------------------------------------------------------------------------------------ driver
 

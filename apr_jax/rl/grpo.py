@@ -42,7 +42,7 @@ from apr_jax.inference.engine import Engine
 from apr_jax.inference.evaluate import evaluate as greedy_evaluate
 from apr_jax.inference.runtime import Budgets, Codec, RunConfig, Runtime
 from apr_jax.inference.sampling import Sampling
-from apr_jax.model import forward
+from apr_jax.model import forward, llama
 from apr_jax.model.config import LlamaConfig
 from apr_jax.rl.config import GRPOConfig
 from apr_jax.rl.objective import group_advantages, grpo_loss, reward, token_logprobs
@@ -121,10 +121,9 @@ def _loss(params, batch, ref_logp_BT, num_rollouts, *, model_cfg: LlamaConfig, c
 
 @functools.lru_cache(maxsize=4)
 def compile_fns(model_cfg: LlamaConfig, cfg: GRPOConfig, mesh: jax.sharding.Mesh):
-    """``(ref_logprobs, loss_and_grads, apply_updates, optimizer)`` jitted with explicit shardings."""
+    """``(ref_logprobs, loss_and_grads, apply_updates, add_grads, optimizer, param_shardings,
+    opt_shardings)``: the step's functions, jitted once per model/config/mesh with explicit shardings."""
     optimizer = make_optimizer(cfg)
-    from apr_jax.model import llama
-
     abstract = jax.eval_shape(functools.partial(llama.init, model_cfg), jax.random.PRNGKey(0))
     p_shard = sh.tree_shardings(abstract, mesh)
     o_shard = sh.tree_shardings(jax.eval_shape(optimizer.init, abstract), mesh)
