@@ -117,8 +117,9 @@ def cmd_eval(args) -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k)
     _, summary = ev.evaluate(model_cfg, params, tok, problems, run, slots=args.slots, context=args.context,
                              sampling=sampling, out=args.out, keep_tokens=args.keep_tokens,
-                             progress=not args.quiet)
-    print(f"{args.mode}: accuracy {summary['accuracy']:.1%} on {summary['problems']} problems"
+                             progress=not args.quiet, aid=args.aid)
+    aided = "" if args.aid == "none" else f" [decoding aid: {args.aid}]"
+    print(f"{args.mode}{aided}: accuracy {summary['accuracy']:.1%} on {summary['problems']} problems"
           + (f" (pass@{args.samples} {summary['pass_at_n']:.1%})" if args.mode == "sc" else "")
           + f"; tokens/problem {summary['mean_total_tokens']:.0f} total, {summary['mean_sequential_tokens']:.0f} "
           f"sequential; children {summary['mean_children']:.2f}; {summary['wall_s']:.1f} s "
@@ -141,7 +142,7 @@ def cmd_rl(args) -> int:
                            group_size=args.group_size, seed=args.seed)
     loop = grpo.LoopConfig(slots=args.slots, micro_batch=args.micro_batch, context=args.context,
                            max_total_tokens=args.max_total_tokens, eval_every=args.eval_every,
-                           eval_problems=args.eval_problems, ckpt_every=args.ckpt_every)
+                           eval_problems=args.eval_problems, ckpt_every=args.ckpt_every, aid=args.aid)
     summary = grpo.train(args.init, args.out, cfg, loop, resume=args.resume, progress=not args.quiet)
     print(json.dumps(summary, default=str))
     return 0
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-tokens", type=int, help="tokens per problem over all threads (default: no cap)")
     p.add_argument("--sub-call-budget", type=int, help="APR conditioning prefix 'Sub Call Budget: N'")
     p.add_argument("--token-budget", type=int, help="SoS+ conditioning prefix 'Token Budget: N'")
+    p.add_argument("--aid", choices=("none", "arithmetic"), default="none",
+                   help="labelled decoding aid: 'arithmetic' lets the runtime write operation results and resulting "
+                        "lists (the model still chooses the search); reported beside plain results, never instead")
     p.add_argument("--keep-tokens", action="store_true",
                    help="also save prompt/output token ids and log-probs per thread")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -262,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per update micro-batch")
     p.add_argument("--context", type=int, help="tokens per thread (default: the model's context)")
     p.add_argument("--max-total-tokens", type=int, help="per-problem token budget of a rollout")
+    p.add_argument("--aid", choices=("none", "arithmetic"), default="none",
+                   help="decoding aid of rollouts and validation (forced tokens carry no loss)")
     p.add_argument("--eval-every", type=int, default=10, help="greedy validation every N steps (0: never)")
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--ckpt-every", type=int, default=5)

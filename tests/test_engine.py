@@ -160,7 +160,8 @@ def test_evaluation_resumes_from_its_partial_results(tmp_path):
     evaluate(cfg, params, tok, problems[:2], run, slots=3, sampling=sampling, out=tmp_path / "part.jsonl",
              progress=False)
     (tmp_path / "res.jsonl.partial").write_text((tmp_path / "part.jsonl").read_text())
-    header = json.dumps({"run": dataclasses.asdict(run), "sampling": dataclasses.asdict(sampling), "context": 64},
+    header = json.dumps({"run": dataclasses.asdict(run), "sampling": dataclasses.asdict(sampling), "context": 64,
+                             "aid": "none"},
                         sort_keys=True)
     (tmp_path / "res.jsonl.partial.json").write_text(header)
     resumed, summary = evaluate(cfg, params, tok, problems, run, slots=2, sampling=sampling, out=out,
@@ -169,3 +170,45 @@ def test_evaluation_resumes_from_its_partial_results(tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("threads", "wall_s")} for r in rs]  # noqa: E731
     assert strip(resumed) == strip(full)
     assert [t["output"] for r in resumed for t in r["threads"]] == [t["output"] for r in full for t in r["threads"]]
+
+
+class _EveryTokenAid:
+    """A stand-in aid: after any trigger token, force the tokens ``[trigger + 1, trigger + 2]``."""
+
+    def __init__(self, triggers):
+        self.triggers = tuple(triggers)
+
+    def force(self, ids):
+        return [(ids[-1] + 1) % CFG.vocab_size, (ids[-1] + 2) % CFG.vocab_size]
+
+
+def test_aid_forced_tokens_are_spliced_in_place_and_decoding_goes_on_exactly(params, full_logits):
+    threads = {i: (p, 30) for i, p in enumerate(prompts(5, seed=4))}
+    plain = run(params, threads, slots=2)
+    common = np.bincount([t for f in plain.values() for t in f.tokens], minlength=CFG.vocab_size)
+    trigger = int(np.argmax(common[3:])) + 3  # a token the model writes often
+    aid = _EveryTokenAid([trigger])
+    done = run(params, threads, slots=2, aid=aid)
+    fired = 0
+    for key, (prompt, max_new) in threads.items():
+        seq, forced = list(prompt), []
+        while len(seq) - len(prompt) < max_new:
+            seq.append(int(np.argmax(full_logits(seq)[len(seq) - 1])))
+            if seq[-1] == EOS:
+                break
+            if seq[-1] == trigger:
+                extra = aid.force(seq)
+                if len(seq) - len(prompt) + len(extra) >= max_new:
+                    break
+                forced += range(len(seq) - len(prompt), len(seq) - len(prompt) + len(extra))
+                seq += extra
+        f = done[key]
+        assert f.tokens == seq[len(prompt):]
+        assert f.forced == forced
+        fired += bool(forced)
+        logp = jax.nn.log_softmax(full_logits(seq), axis=-1)
+        sampled = [i for i in range(len(f.tokens)) if i not in set(forced)]
+        np.testing.assert_allclose([f.logprobs[i] for i in sampled],
+                                   [float(logp[len(prompt) - 1 + i, f.tokens[i]]) for i in sampled], atol=1e-4)
+        assert all(f.logprobs[i] == 0.0 for i in forced)
+    assert fired >= 2

@@ -236,6 +236,16 @@ def test_rollout_sequences_tokens_masks_and_shared_advantage():
     assert seqs[0].loss_mask.tolist() == [False, False, False, True, True, True]
 
 
+def test_tokens_forced_by_a_decoding_aid_carry_no_loss():
+    records = _fake_records()
+    child = records[0]["threads"][1]
+    child.update(forced=[1], logprobs=[-0.4, 0.0, -0.6])
+    seq = rollout_sequences(records, [0.5, -2.0])[1]
+    assert seq.loss_mask.tolist() == [False, True, False, True]
+    assert seq.targets[seq.loss_mask].tolist() == [40, 2]
+    np.testing.assert_allclose(seq.old_logprobs[seq.loss_mask], [-0.4, -0.6], rtol=1e-6)
+
+
 def test_rollout_sequences_errors():
     records = _fake_records()
     with pytest.raises(ValueError, match="advantages"):

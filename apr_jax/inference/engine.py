@@ -188,7 +188,8 @@ class Finished:
     ``stop`` is ``"eos"``, ``"stop_sequence"`` or ``"length"`` (its token limit). ``tokens`` are the
     generated ids (ending with EOS on ``"eos"``), ``logprobs`` their log-probabilities under the model.
     ``new_prompt_tokens`` counts the prompt tokens this admission prefilled (a continuation reuses the rest).
-    Steps count engine decode iterations since the engine started (the timeline's x axis).
+    Steps count engine decode iterations since the engine started (the timeline's x axis). ``forced`` lists
+    the positions in ``tokens`` written by a decoding aid rather than sampled (their logprobs are 0).
     """
 
     key: Hashable
@@ -202,6 +203,7 @@ class Finished:
     end_step: int
     start_s: float
     end_s: float
+    forced: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -213,6 +215,12 @@ class _Row:
     start_step: int
     start_s: float
     running: bool = True
+    max_new: int = 0
+    rng: np.ndarray | None = None
+    gen: list[int] = dataclasses.field(default_factory=list)  # generated (sampled + forced) so far
+    gen_logp: list[float] = dataclasses.field(default_factory=list)
+    forced: list[int] = dataclasses.field(default_factory=list)
+    resume_keep: int = 0  # an aided row waiting to resume: tokens already in its cache
 
 
 @dataclasses.dataclass(order=True)
@@ -238,10 +246,13 @@ class Engine:
       stop_sequences: token-id sequences that end a thread when it writes them (besides EOS).
       prompt_quantum: prompt widths are padded to powers of two of at least this, so prefills compile for a
         handful of shapes only.
+      aid: an optional decoding aid (:mod:`apr_jax.inference.aid`): when a thread writes one of its
+        ``triggers``, the engine appends ``aid.force(ids)`` to the thread in place and decoding goes on.
     """
 
     def __init__(self, cfg: LlamaConfig, params, *, slots: int, eos_id: int, context: int | None = None,
-                 sampling: Sampling = GREEDY, stop_sequences: Sequence[Sequence[int]] = (), prompt_quantum: int = 32):
+                 sampling: Sampling = GREEDY, stop_sequences: Sequence[Sequence[int]] = (), prompt_quantum: int = 32,
+                 aid=None):
         self.cfg, self.params, self.sampling = cfg, unstack_layers(params), sampling
         self.slots, self.eos_id = slots, eos_id
         self.context = cfg.max_seq_len if context is None else context
@@ -250,7 +261,9 @@ class Engine:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.prompt_quantum = prompt_quantum
-        seqs = [list(s) for s in stop_sequences if len(s)]
+        self.aid = aid
+        self._stops = [list(s) for s in stop_sequences if len(s)]
+        seqs = self._stops + ([[t] for t in aid.triggers] if aid is not None else [])
         width = max([1] + [len(s) for s in seqs])
         table = np.full((max(1, len(seqs)), width), -1, np.int32)
         lens = np.zeros(max(1, len(seqs)), np.int32)
@@ -263,6 +276,8 @@ class Engine:
         self._by_key: dict[Hashable, int] = {}
         self._queue: list[_Request] = []
         self._continuations: list[_Request] = []
+        self._resumes: list[int] = []  # aided slots to extend with forced tokens and decode on
+        self.forced_tokens = 0
         self._order = itertools.count()
         self.steps = 0  # decode iterations so far
         self.dispatches = 0
@@ -329,7 +344,7 @@ class Engine:
     @property
     def idle(self) -> bool:
         """Nothing queued, continued or decoding."""
-        return not self._queue and not self._continuations and not self.running
+        return not self._queue and not self._continuations and not self._resumes and not self.running
 
     def now(self) -> float:
         return time.perf_counter() - self._t0
@@ -360,14 +375,18 @@ class Engine:
 
     def _admit_pending(self) -> None:
         now = self.now()
-        if self._continuations:
-            batch = []
+        batch = []
+        for slot in self._resumes:  # aided threads: append the forced tokens, keep the rest of the cache
+            row = self._rows[slot]
+            batch.append((slot, row.ids, row.resume_keep, row.max_new - len(row.gen), row.rng))
+        self._resumes = []
+        if self._continuations or batch:
             for req in self._continuations:
                 slot = self._by_key.pop(req.key)
                 row = self._rows[slot]
                 keep = min(common_prefix(row.ids, req.prompt), len(row.ids) - 1, len(req.prompt) - 1)
                 self._rows[slot] = _Row(req.new_key, list(req.prompt), len(req.prompt), len(req.prompt) - keep,
-                                        self.steps, now)
+                                        self.steps, now, max_new=req.max_new, rng=req.rng)
                 self._by_key[req.new_key] = slot
                 batch.append((slot, req.prompt, keep, req.max_new, req.rng))
             self._continuations = []
@@ -377,7 +396,8 @@ class Engine:
         while self._queue and free:
             req = heapq.heappop(self._queue)
             slot = free.pop(0)
-            self._rows[slot] = _Row(req.key, list(req.prompt), len(req.prompt), len(req.prompt), self.steps, now)
+            self._rows[slot] = _Row(req.key, list(req.prompt), len(req.prompt), len(req.prompt), self.steps, now,
+                                    max_new=req.max_new, rng=req.rng)
             self._by_key[req.key] = slot
             batch.append((slot, req.prompt, 0, req.max_new, req.rng))
         if batch:
@@ -408,8 +428,36 @@ class Engine:
             row, n = self._rows[slot], int(count[slot])
             tokens = out[slot, :n].tolist()
             row.ids += tokens
+            row.gen += tokens
+            row.gen_logp += logp[slot, :n].tolist()
+            code = STOP_NAMES[int(stop[slot])]
+            if code == "stop_sequence" and self.aid is not None:
+                code = self._aid_resume(slot, row)
+                if code is None:
+                    continue
             row.running = False
-            finished.append(Finished(row.key, slot, row.prompt_len, row.new_prompt_tokens, tokens,
-                                     logp[slot, :n].tolist(), STOP_NAMES[int(stop[slot])], row.start_step, self.steps,
-                                     row.start_s, now))
+            finished.append(Finished(row.key, slot, row.prompt_len, row.new_prompt_tokens, row.gen, row.gen_logp, code,
+                                     row.start_step, self.steps, row.start_s, now, row.forced))
         return finished
+
+    def _aid_resume(self, slot: int, row: _Row) -> str | None:
+        """After an aid trigger (and no real stop sequence): append the forced tokens and queue the row to
+        decode on (returns None). Otherwise the stop to report: ``"stop_sequence"`` for a real one,
+        ``"length"`` when the forced tokens leave no room to decode."""
+        if any(len(s) <= len(row.ids) and row.ids[-len(s):] == s for s in self._stops):
+            return "stop_sequence"
+        if row.ids[-1] not in self.aid.triggers:
+            return "stop_sequence"
+        forced = [int(t) for t in self.aid.force(row.ids)]
+        if len(row.gen) + len(forced) >= row.max_new or len(row.ids) + len(forced) >= self.context:
+            return "length"
+        row.resume_keep = len(row.ids) - 1  # the cache holds every id but the pending trigger
+        row.forced += range(len(row.gen), len(row.gen) + len(forced))
+        row.ids += forced
+        row.gen += forced
+        row.gen_logp += [0.0] * len(forced)
+        self.forced_tokens += len(forced)
+        # A fresh, deterministic key per segment: the sampler's counter restarts at every admission.
+        row.rng = np.array([row.rng[0], (int(row.rng[1]) + 0x9E3779B9 * len(row.gen)) & 0xFFFFFFFF], np.uint32)
+        self._resumes.append(slot)
+        return None

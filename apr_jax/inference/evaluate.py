@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from apr_jax.countdown import traces
+from apr_jax.inference.aid import make_aid
 from apr_jax.inference.engine import Engine
 from apr_jax.inference.runtime import Codec, RunConfig, Runtime, summarize
 from apr_jax.inference.sampling import GREEDY, Sampling
@@ -48,14 +49,15 @@ def load_problems(ckpt: str | Path | None, problems_file: str | Path | None, n: 
 def _strip(result: dict, keep_tokens: bool) -> dict:
     if not keep_tokens:
         for t in result["threads"]:
-            for field in ("prompt_ids", "token_ids", "logprobs"):
+            for field in ("prompt_ids", "token_ids", "logprobs", "forced"):
                 t.pop(field, None)
     return result
 
 
 def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunConfig, *, slots: int = 16,
              context: int | None = None, sampling: Sampling = GREEDY, out: str | Path | None = None,
-             keep_tokens: bool = False, progress: bool = True, resume: bool = True) -> tuple[list[dict], dict]:
+             keep_tokens: bool = False, progress: bool = True, resume: bool = True, aid: str = "none"
+             ) -> tuple[list[dict], dict]:
     """Solve ``problems`` with the engine; returns the per-problem results (input order) and a summary.
 
     With ``out``, each result is appended to ``out.partial`` as its problem finishes; at the end the results
@@ -63,19 +65,22 @@ def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunCon
     ``.summary.json``. A killed evaluation keeps its partial file, and a rerun with ``resume`` (the default)
     solves only the problems it lacks: problems are matched by index and ``id``, and the runtime's seeded,
     per-thread keys make the missing results what an uninterrupted run would have produced.
+
+    ``aid="arithmetic"`` turns on the labelled decoding aid of :mod:`apr_jax.inference.aid`; every result
+    and the summary name the aid used.
     """
     from apr_jax.data import tokenizer as tokenization
 
     _, bos, eos = tokenization.special_ids(tokenizer)
     codec = Codec(tokenizer, bos, eos)
     engine = Engine(model_cfg, params, slots=slots, eos_id=eos, context=context, sampling=sampling,
-                    stop_sequences=[codec.ids(traces.JOIN_OPEN)])
+                    stop_sequences=[codec.ids(traces.JOIN_OPEN)], aid=make_aid(aid, codec))
     runtime = Runtime(engine, codec, run)
     keyed = [{**p, "id": p.get("id", i)} for i, p in enumerate(problems)]
     done: dict[object, dict] = {}
     partial = None if out is None else Path(str(out) + ".partial")
     settings = json.dumps({"run": dataclasses.asdict(run), "sampling": dataclasses.asdict(sampling),
-                           "context": engine.context}, sort_keys=True)
+                           "context": engine.context, "aid": aid}, sort_keys=True)
     if partial is not None:
         partial.parent.mkdir(parents=True, exist_ok=True)
         header = Path(str(partial) + ".json")
@@ -101,6 +106,7 @@ def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunCon
     sink = None if partial is None else open(partial, "a", encoding="utf-8")
 
     def on_result(result: dict) -> None:
+        result["aid"] = aid
         solved[0] += result["correct"]
         if sink is not None:
             sink.write(json.dumps(_strip(dict(result, threads=[dict(t) for t in result["threads"]]),
@@ -126,7 +132,8 @@ def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunCon
                "generated_tokens": generated, "generated_tokens_per_s": round(generated / max(wall, 1e-9), 1),
                "decode_steps": engine.steps, "dispatches": engine.dispatches, "slots": slots,
                "context": engine.context, "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k},
-               "seed": run.seed, "samples": run.samples, "budgets": vars(run.budgets)}
+               "seed": run.seed, "samples": run.samples, "budgets": vars(run.budgets), "aid": aid,
+               "forced_tokens": engine.forced_tokens}
     results = [_strip(r, keep_tokens) for r in results]
     if out is not None:
         out = Path(out)

@@ -210,6 +210,8 @@ class Runtime:
         rec.update(output=self.codec.text(f.tokens), tokens=len(f.tokens), slot=f.slot, start_step=f.start_step,
                    end_step=f.end_step, start_s=f.start_s, end_s=f.end_s, new_prompt_tokens=f.new_prompt_tokens)
         rec["token_ids"], rec["logprobs"] = f.tokens, f.logprobs
+        if f.forced:
+            rec["forced"], rec["forced_tokens"] = f.forced, len(f.forced)
         prob.charged += f.new_prompt_tokens + len(f.tokens)
         if f.stop == "length":
             rec["stop"] = "problem_budget" if rec.pop("_max_new_is_budget", False) else "thread_limit"

@@ -38,6 +38,7 @@ import optax
 
 from apr_jax.countdown import traces
 from apr_jax.countdown.problems import rng_for
+from apr_jax.inference.aid import make_aid
 from apr_jax.inference.engine import Engine
 from apr_jax.inference.evaluate import evaluate as greedy_evaluate
 from apr_jax.inference.runtime import Budgets, Codec, RunConfig, Runtime
@@ -65,6 +66,8 @@ class LoopConfig:
       eval_problems: held-out problems per validation.
       ckpt_every: checkpoint every this many steps (and at the end).
       keep_checkpoints: checkpoints kept on disk.
+      aid: decoding aid of rollouts and validation (``"none"`` or ``"arithmetic"``, see
+        :mod:`apr_jax.inference.aid`); forced tokens carry no loss.
     """
 
     slots: int = 16
@@ -75,6 +78,7 @@ class LoopConfig:
     eval_problems: int = 200
     ckpt_every: int = 5
     keep_checkpoints: int = 3
+    aid: str = "none"
 
 
 def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
@@ -160,7 +164,8 @@ def rollouts(model_cfg, params, codec: Codec, problems: Sequence[dict], method: 
              loop: LoopConfig, step: int, eos_id: int) -> list[dict]:
     """``group_size`` sampled thread trees per problem (records with token ids and log-probs)."""
     engine = Engine(model_cfg, params, slots=loop.slots, eos_id=eos_id, context=loop.context,
-                    sampling=Sampling(temperature=cfg.temperature), stop_sequences=[codec.ids(traces.JOIN_OPEN)])
+                    sampling=Sampling(temperature=cfg.temperature), stop_sequences=[codec.ids(traces.JOIN_OPEN)],
+                    aid=make_aid(loop.aid, codec))
     run = RunConfig(mode=method, seed=cfg.seed * 1_000_003 + step,
                     budgets=Budgets(max_total_tokens=loop.max_total_tokens))
     return Runtime(engine, codec, run).solve(expand_groups(problems, cfg.group_size))
@@ -220,7 +225,7 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
 
     def validate(step: int) -> dict:
         _, summary = greedy_evaluate(model_cfg, params, tok, val_problems, RunConfig(mode=method), slots=loop.slots,
-                                     context=loop.context, progress=False)
+                                     context=loop.context, progress=False, aid=loop.aid)
         values = {k: summary[k] for k in ("accuracy", "mean_total_tokens", "mean_sequential_tokens", "mean_children")}
         writer.write(step, "val", values)
         return values

@@ -26,7 +26,8 @@ class Sequence:
     Attributes:
       tokens: int32 ``[L]``, ``prompt_ids + token_ids`` exactly (BOS once, at position 0).
       loss_mask: bool ``[L - 1]``, aligned with ``targets = tokens[1:]``:
-        ``[False] * (len(prompt_ids) - 1) + [True] * len(token_ids)``.
+        ``[False] * (len(prompt_ids) - 1) + [True] * len(token_ids)``, except that tokens a decoding aid
+        forced (the thread's ``forced`` positions) are False too.
       old_logprobs: float32 ``[L - 1]``, aligned with the targets: the sampling model's log-probability of
         each generated id, 0 where masked.
       rollout: rollout index (row of the step's rollouts).
@@ -64,9 +65,11 @@ def _sequence(thread: dict, rollout: int, rollout_size: int, advantage: float) -
         raise ValueError(f"thread {path!r}: {len(generated)} token_ids but "
                          f"{None if logprobs is None else len(logprobs)} logprobs")
     n_masked = len(prompt) - 1
+    sampled = np.ones(len(generated), np.bool_)
+    sampled[list(thread.get("forced", ()))] = False  # written by a decoding aid, not by the policy
     return Sequence(
         tokens=np.asarray(list(prompt) + list(generated), dtype=np.int32),
-        loss_mask=np.concatenate([np.zeros(n_masked, np.bool_), np.ones(len(generated), np.bool_)]),
+        loss_mask=np.concatenate([np.zeros(n_masked, np.bool_), sampled]),
         old_logprobs=np.concatenate([np.zeros(n_masked, np.float32), np.asarray(logprobs, np.float32)]),
         rollout=rollout, rollout_size=rollout_size, advantage=float(advantage), role=thread["role"], path=path)
 
