@@ -241,7 +241,7 @@ def test_tokens_forced_by_a_decoding_aid_carry_no_loss():
     child = records[0]["threads"][1]
     child.update(forced=[1], logprobs=[-0.4, 0.0, -0.6])
     seq = rollout_sequences(records, [0.5, -2.0])[1]
-    assert seq.loss_mask.tolist() == [False, True, False, True]
+    assert seq.loss_mask.tolist() == [False, False, True, False, True]
     assert seq.targets[seq.loss_mask].tolist() == [40, 2]
     np.testing.assert_allclose(seq.old_logprobs[seq.loss_mask], [-0.4, -0.6], rtol=1e-6)
 
