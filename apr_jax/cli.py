@@ -169,18 +169,14 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on a preset: data now; SFT, evaluation and RL join as they land."""
-    from apr_jax.data import datasets
+    """The main job: data -> SFT SoS+ and APR -> evaluations -> GRPO -> evaluations -> report, resumable."""
+    from apr_jax import demo
 
     preset = _apply_sets(presets.load(args.preset), args.set)
-    out = Path(args.out)
-    t0 = time.perf_counter()
-    print(f"apr-jax demo: preset {preset.name} -> {out.resolve()}")
-    print("[1/1] data")
-    manifest = datasets.generate(preset.data, out / "data", workers=args.workers or os.cpu_count() or 1,
-                                 progress=not args.quiet)
-    _print_data_summary(manifest, str(out / "data"))
-    print(f"demo finished in {time.perf_counter() - t0:.1f} s; outputs under {out.resolve()}")
+    plan = demo.PLANS["quick" if args.quick else "full"]
+    out = args.out or ("runs/demo_quick" if args.quick else "runs/demo")
+    print(f"apr-jax demo: preset {preset.name}, {plan.name} plan -> {Path(out).resolve()}")
+    demo.Demo(preset, plan, out, workers=args.workers, progress=not args.quiet).run()
     return 0
 
 
@@ -286,9 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: the whole pipeline on a preset")
     _add_preset(p)
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", help="output folder (default runs/demo, or runs/demo_quick with --quick); a rerun "
+                                  "skips finished stages and resumes the interrupted one")
+    p.add_argument("--quick", action="store_true", help="same stages, small numbers: minutes instead of hours")
+    p.add_argument("--workers", type=int, default=0, help="data-generation processes (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_demo)
     return parser
 

@@ -1,0 +1,233 @@
+"""``apr-jax demo``: the whole pipeline on one preset, from a seed to a report.
+
+data -> SFT SoS+ and APR -> evaluate both (plain, and with the labelled arithmetic aid) -> same-context
+sweep, self-consistency -> GRPO the APR model (short) -> evaluate again -> ``report.md`` + PNG plots.
+
+Every stage writes its outputs under one folder and a marker ``stages/<name>.json`` (its wall time and
+summary) when it completes; a rerun skips completed stages and resumes an interrupted one (SFT and GRPO
+from their last checkpoint, evaluations from their ``.partial`` results), so a killed demo loses at most
+the work since the last checkpoint. What each stage does, and how many problems/steps, is a :class:`Plan`:
+``FULL`` (the README's figures) or ``QUICK`` (same stages, small numbers, minutes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from apr_jax import presets
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes of one demo run (all evaluations use the preset's validation problems, greedy unless noted).
+
+    Attributes:
+      num_train, num_val: problems generated (None: the preset's).
+      sft_steps, sft_batch: SFT steps and sequences per step, for each of the two models.
+      eval_problems: problems of the main evaluations (SoS+ and APR, plain and aided, before/after RL).
+      sweep_contexts: thread context sizes of the same-context sweep (the model's own is the main evaluation).
+      sweep_problems: problems per sweep point.
+      sc_samples: samples of the self-consistency evaluation (temperature 1.0; pass@n and cons@n, n <= this).
+      sc_problems: problems of the self-consistency evaluation.
+      rl_steps, rl_problems_per_step, rl_group_size: the GRPO run.
+      slots: threads the engine decodes at once.
+      aid: decoding aid of the aided evaluations and of the GRPO rollouts.
+      estimates_s: rough seconds per stage kind on a 2-core CPU (only for the time-left estimate).
+    """
+
+    name: str
+    num_train: int | None
+    num_val: int | None
+    sft_steps: int
+    sft_batch: int
+    eval_problems: int
+    sweep_contexts: tuple[int, ...]
+    sweep_problems: int
+    sc_samples: int
+    sc_problems: int
+    rl_steps: int
+    rl_problems_per_step: int
+    rl_group_size: int
+    slots: int = 32
+    aid: str = "arithmetic"
+    estimates_s: tuple[tuple[str, float], ...] = ()
+
+
+FULL = Plan("full", None, None, sft_steps=250, sft_batch=8, eval_problems=100, sweep_contexts=(1024, 2048),
+            sweep_problems=50, sc_samples=4, sc_problems=50, rl_steps=8, rl_problems_per_step=8, rl_group_size=4,
+            estimates_s=(("data", 60), ("sft", 1500), ("eval", 420), ("sweep", 150), ("sc", 600), ("rl", 900),
+                         ("report", 10)))
+QUICK = Plan("quick", 2_000, 100, sft_steps=30, sft_batch=4, eval_problems=12, sweep_contexts=(512,),
+             sweep_problems=8, sc_samples=2, sc_problems=8, rl_steps=2, rl_problems_per_step=4, rl_group_size=2,
+             slots=16, estimates_s=(("data", 10), ("sft", 150), ("eval", 45), ("sweep", 20), ("sc", 45),
+                                    ("rl", 120), ("report", 5)))
+PLANS = {"full": FULL, "quick": QUICK}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str  # marker file name and progress label
+    kind: str  # key of Plan.estimates_s
+    run: Callable[[], dict]  # does the work (resuming what it can); returns a JSON-able summary
+
+
+class Demo:
+    """The stages of one demo run (see module docstring)."""
+
+    def __init__(self, preset: presets.Preset, plan: Plan, out: str | Path, *, workers: int = 0,
+                 progress: bool = True):
+        self.preset, self.plan, self.out = preset, plan, Path(out)
+        self.workers, self.progress = workers or os.cpu_count() or 1, progress
+        data = preset.data
+        if plan.num_train is not None:
+            data = dataclasses.replace(data, num_train=plan.num_train, num_val=plan.num_val,
+                                       chunk_size=min(data.chunk_size, plan.num_train))
+        self.data_cfg = data
+        self.marker_dir = self.out / "stages"
+
+    # ------------------------------------------------------------------------------------ paths
+
+    @property
+    def data_dir(self) -> Path:
+        return self.out / "data"
+
+    def sft_dir(self, method: str) -> Path:
+        return self.out / f"sft_{method}"
+
+    @property
+    def rl_dir(self) -> Path:
+        return self.out / "rl_apr"
+
+    def eval_file(self, name: str) -> Path:
+        return self.out / "eval" / f"{name}.jsonl"
+
+    # ------------------------------------------------------------------------------------ stages
+
+    def _data(self) -> dict:
+        from apr_jax.data import datasets
+
+        manifest = datasets.generate(self.data_cfg, self.data_dir, workers=self.workers, progress=self.progress)
+        return {"stats": manifest["stats"], "vocab_size": manifest["vocab_size"]}
+
+    def _sft(self, method: str) -> dict:
+        from apr_jax.train import sft
+        from apr_jax.train.checkpoint import RunCheckpointer
+
+        run_dir, plan = self.sft_dir(method), self.plan
+        ckpts = run_dir / "checkpoints"
+        resume = ckpts.is_dir() and RunCheckpointer(ckpts, read_only=True).latest_step() is not None
+        cfg = dataclasses.replace(self.preset.train, steps=plan.sft_steps, epochs=None, batch_size=plan.sft_batch,
+                                  eval_every=max(1, plan.sft_steps // 5), ckpt_every=max(1, plan.sft_steps // 10),
+                                  eval_batches=4)
+        summary = sft.train(self.preset.model, cfg, self.data_dir, method, run_dir, resume=resume,
+                            preset=self.preset.name)
+        if summary["interrupted"]:
+            raise KeyboardInterrupt(f"SFT {method} interrupted at step {summary['final_step']} (checkpoint saved)")
+        return {k: summary[k] for k in ("steps", "final_step", "train_loss", "val_loss", "tokens_seen", "wall_s")}
+
+    def _rl(self) -> dict:
+        from apr_jax.rl import grpo
+        from apr_jax.rl.config import METHOD_KL_BETA
+        from apr_jax.train.checkpoint import RunCheckpointer
+
+        plan = self.plan
+        cfg = dataclasses.replace(self.preset.rl, kl_beta=METHOD_KL_BETA["apr"], steps=plan.rl_steps,
+                                  problems_per_step=plan.rl_problems_per_step, group_size=plan.rl_group_size)
+        loop = grpo.LoopConfig(slots=plan.slots, micro_batch=8, eval_every=0, ckpt_every=1, aid=plan.aid)
+        ckpts = self.rl_dir / "checkpoints"
+        resume = ckpts.is_dir() and RunCheckpointer(ckpts, read_only=True).latest_step() is not None
+        summary = grpo.train(self.sft_dir("apr"), self.rl_dir, cfg, loop, resume=resume, progress=self.progress)
+        if summary["last"].get("step") != plan.rl_steps:
+            raise KeyboardInterrupt(f"GRPO interrupted at step {summary['last'].get('step')} (checkpoint saved)")
+        return {"steps": plan.rl_steps, "last": summary["last"]}
+
+    def _eval(self, name: str, run_dir: Path, mode: str, *, n: int, aid: str = "none", context: int | None = None,
+              samples: int = 1, temperature: float = 0.0) -> dict:
+        from apr_jax.inference import evaluate as ev
+        from apr_jax.inference.runtime import RunConfig
+        from apr_jax.inference.sampling import Sampling
+
+        model_cfg, params, tok = ev.load_run_model(run_dir)
+        problems = ev.load_problems(run_dir, None, n)
+        run = RunConfig(mode=mode, samples=samples, seed=0)
+        _, summary = ev.evaluate(model_cfg, params, tok, problems, run, slots=self.plan.slots, context=context,
+                                 sampling=Sampling(temperature=temperature), out=self.eval_file(name),
+                                 progress=self.progress, aid=aid)
+        return summary
+
+    def _report(self) -> dict:
+        from apr_jax import report
+
+        path = report.write_report(self)
+        return {"report": str(path)}
+
+    def stages(self) -> list[Stage]:
+        plan, aid = self.plan, self.plan.aid
+        sosp, apr = self.sft_dir("sosp"), self.sft_dir("apr")
+        out = [Stage("data", "data", self._data),
+               Stage("sft_sosp", "sft", lambda: self._sft("sosp")),
+               Stage("sft_apr", "sft", lambda: self._sft("apr"))]
+        for label, aid_name in (("plain", "none"), ("aided", aid)):
+            for method, run_dir in (("sosp", sosp), ("apr", apr)):
+                name = f"{method}_sft_{label}"
+                out.append(Stage(f"eval_{name}", "eval", lambda name=name, run_dir=run_dir, method=method,
+                                 aid_name=aid_name: self._eval(name, run_dir, method, n=plan.eval_problems,
+                                                               aid=aid_name)))
+        for ctx in plan.sweep_contexts:
+            for method, run_dir in (("sosp", sosp), ("apr", apr)):
+                name = f"{method}_sft_aided_ctx{ctx}"
+                out.append(Stage(f"eval_{name}", "sweep", lambda name=name, run_dir=run_dir, method=method, ctx=ctx:
+                                 self._eval(name, run_dir, method, n=plan.sweep_problems, aid=aid, context=ctx)))
+        out.append(Stage("eval_sc_sft_aided", "sc", lambda: self._eval(
+            "sc_sft_aided", sosp, "sc", n=plan.sc_problems, aid=aid, samples=plan.sc_samples, temperature=1.0)))
+        out.append(Stage("rl_apr", "rl", self._rl))
+        for label, aid_name in (("plain", "none"), ("aided", aid)):
+            name = f"apr_rl_{label}"
+            out.append(Stage(f"eval_{name}", "eval", lambda name=name, aid_name=aid_name: self._eval(
+                name, self.rl_dir, "apr", n=plan.eval_problems, aid=aid_name)))
+        out.append(Stage("report", "report", self._report))
+        return out
+
+    # ------------------------------------------------------------------------------------ driver
+
+    def marker(self, name: str) -> Path:
+        return self.marker_dir / f"{name}.json"
+
+    def done(self, name: str) -> dict | None:
+        path = self.marker(name)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def run(self, log: Callable[[str], None] = print) -> Path:
+        """Run every stage not yet done; returns the report's path."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.marker_dir.mkdir(exist_ok=True)
+        plan_file = self.out / "plan.json"
+        record = {"preset": self.preset.name, "plan": dataclasses.asdict(self.plan),
+                  "data": dataclasses.asdict(self.data_cfg)}
+        if plan_file.exists() and json.loads(plan_file.read_text()) != json.loads(json.dumps(record)):
+            raise ValueError(f"{self.out} holds a demo run with another preset or plan ({plan_file}); "
+                             "use another --out or delete the folder")
+        plan_file.write_text(json.dumps(record, indent=1) + "\n")
+        estimates = dict(self.plan.estimates_s)
+        stages = self.stages()
+        t0, spent_est, spent = time.perf_counter(), 0.0, 0.0
+        for i, stage in enumerate(stages, 1):
+            if self.done(stage.name) is not None:
+                log(f"[{i}/{len(stages)}] {stage.name}: done, skipped")
+                continue
+            left = sum(estimates.get(s.kind, 0) for s in stages[i - 1:] if self.done(s.name) is None)
+            scale = spent / spent_est if spent_est else 1.0
+            log(f"[{i}/{len(stages)}] {stage.name} (about {left * scale / 60:.0f} min left for the demo)")
+            t = time.perf_counter()
+            summary = stage.run()
+            wall = time.perf_counter() - t
+            spent, spent_est = spent + wall, spent_est + estimates.get(stage.kind, wall)
+            self.marker(stage.name).write_text(json.dumps({"wall_s": round(wall, 1), "summary": summary},
+                                                          indent=1, default=str) + "\n")
+        log(f"demo finished ({time.perf_counter() - t0:.0f} s this run); report: {self.out.resolve() / 'report.md'}")
+        return self.out / "report.md"

@@ -1,0 +1,283 @@
+"""The demo's report: tables (``report.md``), numbers (``results.json``) and plots (PNG) from its evaluations.
+
+Reference numbers are the paper's (Pan et al. 2025, "Learning Adaptive Parallel Reasoning with Language
+Models", arXiv 2504.15466; 228M model, 1,000 validation problems, 4K context), printed beside ours where the
+axes allow. Ours come from a CPU-sized preset, so they show direction, not the paper's levels.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from apr_jax.countdown import traces
+
+#: The paper's headline figures (Pan et al. 2025, Sec. 5).
+PAPER = {
+    "sosp_sft_greedy": 0.573,
+    "apr_sft_greedy": 0.755,
+    "apr_rl_greedy": 0.834,
+    "sosp_rl_greedy": 0.600,
+    "children_sft_rl": (6.1, 8.2),
+    "tokens_per_seq_sft_rl": (1471, 1796),
+    "sosp_pass_at_n": (0.573, 0.633, 0.644, 0.657, 0.665, 0.675, 0.678, 0.684),
+    "sosp_cons_at_n": (0.573, 0.626, 0.630, 0.646, 0.655, 0.658, 0.666, 0.664),
+}
+
+
+def read_results(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def read_summary(path: Path) -> dict | None:
+    s = path.with_suffix(".summary.json")
+    return json.loads(s.read_text()) if s.exists() else None
+
+
+def sc_curves(results: Sequence[dict]) -> list[dict]:
+    """pass@n and cons@n for n = 1..N from self-consistency results (the first n samples of each problem),
+    with the mean total tokens of those n samples. Votes are by the answer's operations; ties go to the
+    earliest sample (as the runtime votes)."""
+    if not results:
+        return []
+    n_max = min(len(r.get("samples", [])) for r in results)
+    rows = []
+    for n in range(1, n_max + 1):
+        passed = consensus = tokens = 0
+        for r in results:
+            samples = r["samples"][:n]
+            passed += any(s["correct"] for s in samples)
+            answered = [(traces.path_operations(s["answer"]), s) for s in samples if s["answer"] is not None]
+            if answered:
+                counts = collections.Counter(ops for ops, _ in answered)
+                best = max(counts.values())
+                consensus += next(s for ops, s in answered if counts[ops] == best)["correct"]
+            by_path = {t["path"]: t for t in r["threads"]}
+            tokens += sum(by_path[f"s{i}"]["new_prompt_tokens"] + by_path[f"s{i}"]["tokens"]
+                          for i in range(n) if f"s{i}" in by_path)
+        k = len(results)
+        rows.append({"n": n, "pass_at_n": passed / k, "cons_at_n": consensus / k, "mean_total_tokens": tokens / k})
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _row(label: str, s: dict | None) -> str:
+    if s is None:
+        return f"| {label} | not run | | | | |"
+    wall = s["wall_s"] / max(1, s["problems"])
+    return (f"| {label} | {_pct(s['accuracy'])} ({round(s['accuracy'] * s['problems'])}/{s['problems']}) | "
+            f"{s['mean_total_tokens']:.0f} | {s['mean_sequential_tokens']:.0f} | {s['mean_children']:.2f} | "
+            f"{wall:.1f} |")
+
+
+def _plot_accuracy(path: Path, groups: dict[str, tuple[float | None, float | None]]) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(groups))
+    plain = [v[0] or 0.0 for v in groups.values()]
+    aided = [v[1] or 0.0 for v in groups.values()]
+    ax.bar(x - 0.2, [100 * p for p in plain], 0.4, label="plain")
+    ax.bar(x + 0.2, [100 * a for a in aided], 0.4, label="arithmetic aid (labelled)")
+    ax.set_xticks(x, list(groups))
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Greedy accuracy at the model's context")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_context(path: Path, points: dict[str, list[tuple[int, float]]]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in points.items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per thread (context window)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Same context window (aided); paper at 4K: APR+RL 83.4, SoS+ +RL 60.0", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_scaling(path: Path, sc: list[dict], apr_points: dict[str, tuple[float, float]]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ref) = plt.subplots(1, 2, figsize=(11, 4))
+    if sc:
+        ax.plot([r["mean_total_tokens"] for r in sc], [100 * r["pass_at_n"] for r in sc], "o-", label="SoS+ pass@n")
+        ax.plot([r["mean_total_tokens"] for r in sc], [100 * r["cons_at_n"] for r in sc], "s-", label="SoS+ cons@n")
+    for label, (tokens, acc) in apr_points.items():
+        ax.plot([tokens], [100 * acc], "*", markersize=12, label=label)
+    ax.set_xlabel("mean total tokens per problem")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Ours (mini, aided, T=1 for SoS+ samples)")
+    ax.legend(fontsize=8)
+    n = range(1, 9)
+    ref.plot(n, [100 * v for v in PAPER["sosp_pass_at_n"]], "o--", label="SoS+ pass@n")
+    ref.plot(n, [100 * v for v in PAPER["sosp_cons_at_n"]], "s--", label="SoS+ cons@n")
+    ref.axhline(100 * 0.801, color="C2", ls=":", label="APR at 20K total tokens (80.1)")
+    ref.set_xlabel("n (samples)")
+    ref.set_title("Paper (228M, Pan et al. 2025)")
+    ref.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_latency(path: Path, points: dict[str, list[tuple[float, float, float]]]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, pts in points.items():
+        pts = sorted(pts)
+        a.plot([p[0] for p in pts], [100 * p[2] for p in pts], "o-", label=label)
+        pts = sorted(pts, key=lambda p: p[1])
+        b.plot([p[1] for p in pts], [100 * p[2] for p in pts], "o-", label=label)
+    a.set_xlabel("mean sequential (critical-path) tokens")
+    b.set_xlabel("mean wall time per problem on this CPU (s, batched)")
+    for ax in (a, b):
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=8)
+    a.set_title("Paper: APR 75.2% vs SoS+ 57.3% at ~5 s per sample", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(demo) -> Path:
+    """Write ``report.md``, ``results.json`` and the plots of a finished (or partial) demo run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out, plan = demo.out, demo.plan
+    summaries = {p.name[:-len(".summary.json")]: json.loads(p.read_text())
+                 for p in sorted((out / "eval").glob("*.summary.json"))}
+    get = summaries.get
+    walls = {p.stem: json.loads(p.read_text())["wall_s"] for p in sorted(demo.marker_dir.glob("*.json"))}
+    data = demo.done("data") or {}
+    sft = {m: (demo.done(f"sft_{m}") or {}).get("summary", {}) for m in ("sosp", "apr")}
+    sc = sc_curves(read_results(demo.eval_file("sc_sft_aided")))
+    model = demo.preset.model
+
+    lines = [f"# apr-jax demo report ({demo.preset.name} preset, {plan.name} plan)", "",
+             "Greedy decoding on held-out validation problems unless noted. **Aided** rows use the labelled "
+             "arithmetic decoding aid (`--aid arithmetic`: the runtime writes each operation's result and the "
+             "resulting list, the model writes the search), applied equally to every method; **plain** rows are "
+             "the models alone. Paper figures: Pan et al. 2025 (228M model, 1,000 problems).", "",
+             "## Setup", "",
+             f"- task: {demo.data_cfg.num_inputs} input numbers in 1..{demo.data_cfg.max_num}, targets "
+             f"{demo.data_cfg.min_target}..{demo.data_cfg.max_target}, numbers as {demo.data_cfg.number_mode}; "
+             f"{demo.data_cfg.num_train:,} training problems",
+             f"- model: {model.num_params() / 1e6:.1f}M parameters, context {model.max_seq_len}"]
+    stats = data.get("summary", {}).get("stats", {}).get("train")
+    if stats:
+        lines.append(f"- solver ceilings (training data solved): SoS+ {_pct(stats['sosp']['solved_fraction'])}, APR "
+                     f"{_pct(stats['apr']['solved_fraction'])}; SoS+ demo {stats['sosp']['mean_tokens_per_demonstration']:.0f} "
+                     f"tokens, APR longest call {stats['apr'].get('mean_longest_call_tokens', 0):.0f}")
+    for m, label in (("sosp", "SoS+"), ("apr", "APR")):
+        s = sft[m]
+        if s:
+            lines.append(f"- SFT {label}: {s['final_step']} steps of {plan.sft_batch}, {s['tokens_seen']:,} tokens, "
+                         f"train loss {s['train_loss']:.3f}, validation loss {s['val_loss']:.3f}, "
+                         f"{walls.get(f'sft_{m}', 0) / 60:.0f} min")
+    lines += ["", "## 1. Accuracy at the model's context", "",
+              "| run | accuracy | total tokens | sequential tokens | children | wall s/problem (batched) |",
+              "|---|---|---|---|---|---|"]
+    for key, label in (("sosp_sft_plain", "SoS+ SFT, plain"), ("apr_sft_plain", "APR SFT, plain"),
+                       ("apr_rl_plain", "APR SFT+RL, plain"), ("sosp_sft_aided", "SoS+ SFT, aided"),
+                       ("apr_sft_aided", "APR SFT, aided"), ("apr_rl_aided", "APR SFT+RL, aided")):
+        lines.append(_row(label, get(key)))
+    lines += ["", f"Paper: SoS+ SFT {_pct(PAPER['sosp_sft_greedy'])}, APR SFT {_pct(PAPER['apr_sft_greedy'])}, "
+              f"APR SFT+RL {_pct(PAPER['apr_rl_greedy'])}.", "", "![accuracy](accuracy.png)", ""]
+
+    lines += ["## 2. Same context window (aided)", "",
+              "Every thread (SoS+'s one, each APR call) limited to the same number of tokens.", "",
+              "| context | SoS+ | APR |", "|---|---|---|"]
+    ctx_points: dict[str, list] = {"SoS+": [], "APR": []}
+    for ctx in list(plan.sweep_contexts) + [model.max_seq_len]:
+        row = []
+        for method, label in (("sosp", "SoS+"), ("apr", "APR")):
+            key = f"{method}_sft_aided" if ctx == model.max_seq_len else f"{method}_sft_aided_ctx{ctx}"
+            s = get(key)
+            row.append(_pct(s["accuracy"]) + f" (n={s['problems']})" if s else "not run")
+            if s:
+                ctx_points[label].append((ctx, s["accuracy"]))
+        lines.append(f"| {ctx} | {row[0]} | {row[1]} |")
+    lines += ["", "Paper at 4K: APR+RL 83.4% vs SoS+ +RL 60.0%; APR with 10 children about +20 points.", "",
+              "![same context](same_context.png)", ""]
+
+    lines += ["## 3. Compute scaling: SoS+ pass@n / cons@n vs APR (aided)", "",
+              "SoS+ samples at temperature 1.0; APR greedy.", "",
+              "| n | SoS+ pass@n | SoS+ cons@n | mean total tokens | paper pass@n | paper cons@n |",
+              "|---|---|---|---|---|---|"]
+    for r in sc:
+        i = r["n"] - 1
+        lines.append(f"| {r['n']} | {_pct(r['pass_at_n'])} | {_pct(r['cons_at_n'])} | {r['mean_total_tokens']:.0f} | "
+                     f"{_pct(PAPER['sosp_pass_at_n'][i]) if i < 8 else ''} | "
+                     f"{_pct(PAPER['sosp_cons_at_n'][i]) if i < 8 else ''} |")
+    apr_points = {label: (s["mean_total_tokens"], s["accuracy"]) for key, label in
+                  (("apr_sft_aided", "APR SFT"), ("apr_rl_aided", "APR SFT+RL")) if (s := get(key))}
+    for label, (tokens, acc) in apr_points.items():
+        lines.append(f"\n{label}: {_pct(acc)} at {tokens:.0f} mean total tokens.")
+    lines += ["", "![compute scaling](compute_scaling.png)", ""]
+
+    lines += ["## 4. Sequential tokens and wall-clock latency (aided)", "",
+              "One point per evaluation above (context sweep included); wall time is per problem while the engine "
+              "decodes many problems at once on this 2-core CPU, so compare methods, not absolute seconds.", "",
+              "![latency](latency.png)", ""]
+    lat_points: dict[str, list] = {"SoS+": [], "APR": []}
+    for key, s in summaries.items():
+        if "aided" in key and not key.startswith("sc_") and "_rl_" not in key:
+            label = "SoS+" if key.startswith("sosp") else "APR"
+            lat_points[label].append((s["mean_sequential_tokens"], s["wall_s"] / max(1, s["problems"]), s["accuracy"]))
+
+    lines += ["## 5. Effect of RL (APR)", "",
+              "| | accuracy plain | accuracy aided | children | total tokens | sequential tokens |", "|---|---|---|---|---|---|"]
+    for stage, label in (("sft", "before RL (SFT)"), ("rl", "after RL")):
+        p, a = get(f"apr_{stage}_plain"), get(f"apr_{stage}_aided")
+        ref = a or p
+        lines.append(f"| {label} | {_pct(p['accuracy']) if p else 'not run'} | {_pct(a['accuracy']) if a else 'not run'} | "
+                     + (f"{ref['mean_children']:.2f} | {ref['mean_total_tokens']:.0f} | {ref['mean_sequential_tokens']:.0f} |"
+                        if ref else " | | |"))
+    rl = (demo.done("rl_apr") or {}).get("summary")
+    if rl:
+        lines.append(f"\nGRPO: {rl['steps']} steps of {plan.rl_problems_per_step} problems x G={plan.rl_group_size} "
+                     f"(aid: {plan.aid}), {walls.get('rl_apr', 0) / 60:.0f} min; last step reward "
+                     f"{rl['last'].get('reward', 0):.3f}, KL {rl['last'].get('kl', 0):.4f}.")
+    lines += [f"\nPaper: {_pct(PAPER['apr_sft_greedy'])} -> {_pct(PAPER['apr_rl_greedy'])}, children "
+              f"{PAPER['children_sft_rl'][0]} -> {PAPER['children_sft_rl'][1]}.", ""]
+    if (demo.rl_dir / "rl.png").exists():
+        shutil.copyfile(demo.rl_dir / "rl.png", out / "rl.png")
+        lines += ["![rl](rl.png)", ""]
+    for m in ("sosp", "apr"):
+        if (demo.sft_dir(m) / "loss.png").exists():
+            shutil.copyfile(demo.sft_dir(m) / "loss.png", out / f"loss_{m}.png")
+    lines += ["## Stage wall times", "", "| stage | minutes |", "|---|---|"]
+    lines += [f"| {k} | {v / 60:.1f} |" for k, v in walls.items()]
+    lines.append(f"| total | {sum(walls.values()) / 60:.1f} |")
+
+    _plot_accuracy(out / "accuracy.png", {
+        label: ((get(f"{k}_plain") or {}).get("accuracy"), (get(f"{k}_aided") or {}).get("accuracy"))
+        for k, label in (("sosp_sft", "SoS+ SFT"), ("apr_sft", "APR SFT"), ("apr_rl", "APR SFT+RL"))})
+    _plot_context(out / "same_context.png", ctx_points)
+    _plot_scaling(out / "compute_scaling.png", sc, apr_points)
+    _plot_latency(out / "latency.png", lat_points)
+    results = {"preset": demo.preset.name, "plan": plan.name, "evaluations": summaries, "sc_curves": sc,
+               "stage_wall_s": walls, "paper": PAPER}
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,63 @@
+"""The demo pipeline end to end on the tiny preset (every stage, the report, resume), and the report's maths."""
+
+import dataclasses
+import json
+
+import pytest
+
+from apr_jax import demo, presets, report
+
+PLAN = demo.Plan("test", None, None, sft_steps=3, sft_batch=8, eval_problems=3, sweep_contexts=(128,),
+                 sweep_problems=2, sc_samples=2, sc_problems=2, rl_steps=1, rl_problems_per_step=2, rl_group_size=2,
+                 slots=8)
+
+
+def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
+    preset = presets.load("tiny")
+    out = tmp_path / "demo"
+    logs = []
+    path = demo.Demo(preset, PLAN, out, workers=1, progress=False).run(log=logs.append)
+    text = path.read_text()
+    for heading in ("## 1. Accuracy", "## 2. Same context", "## 3. Compute scaling", "## 4. Sequential", "## 5. Effect of RL"):
+        assert heading in text
+    assert "not run" not in text
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["evaluations"]) == {
+        "sosp_sft_plain", "apr_sft_plain", "sosp_sft_aided", "apr_sft_aided", "sosp_sft_aided_ctx128",
+        "apr_sft_aided_ctx128", "sc_sft_aided", "apr_rl_plain", "apr_rl_aided"}
+    assert results["evaluations"]["sosp_sft_aided_ctx128"]["context"] == 128
+    assert results["evaluations"]["apr_sft_aided"]["aid"] == "arithmetic"
+    assert results["evaluations"]["apr_sft_plain"]["forced_tokens"] == 0
+    assert [r["n"] for r in results["sc_curves"]] == [1, 2]
+    for png in ("accuracy.png", "same_context.png", "compute_scaling.png", "latency.png", "rl.png"):
+        assert (out / png).stat().st_size > 1000
+    assert len(list((out / "stages").glob("*.json"))) == len(demo.Demo(preset, PLAN, out).stages())
+
+    again = []
+    demo.Demo(preset, PLAN, out, workers=1, progress=False).run(log=again.append)
+    assert sum("done, skipped" in line for line in again) == len(again) - 1  # every stage; then the final line
+
+    (out / "stages" / "report.json").unlink()  # a stage without its marker runs again, alone
+    third = []
+    demo.Demo(preset, PLAN, out, workers=1, progress=False).run(log=third.append)
+    assert [line for line in third if "skipped" not in line][0].startswith(f"[{len(again) - 1}/")
+
+    with pytest.raises(ValueError, match="another preset or plan"):
+        demo.Demo(preset, dataclasses.replace(PLAN, sft_steps=4), out).run(log=lambda _: None)
+
+
+def _sc_result(samples):
+    threads = [{"path": f"s{i}", "new_prompt_tokens": 10, "tokens": 90} for i in range(len(samples))]
+    return {"samples": [{"answer": a, "correct": c} for a, c in samples], "threads": threads}
+
+
+def test_sc_curves_pass_and_majority_vote_over_the_first_n_samples():
+    good = "Moving to Node #0\nCurrent State: 5:[2, 3], Operations: ['2+3=5']\n5,5 equal: Goal Reached\n"
+    bad = "Moving to Node #0\nCurrent State: 5:[2, 3], Operations: ['3-2=1']\n1,5 unequal: No Solution\n"
+    results = [_sc_result([(bad, False), (good, True), (good, True)]),  # cons@1 wrong, cons@3 right
+               _sc_result([(None, False), (None, False), (bad, False)]),
+               _sc_result([(good, True), (bad, False), (bad, False)])]  # a 1-1 tie goes to the earliest
+    rows = report.sc_curves(results)
+    assert [r["pass_at_n"] for r in rows] == pytest.approx([1 / 3, 2 / 3, 2 / 3])
+    assert [r["cons_at_n"] for r in rows] == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+    assert [r["mean_total_tokens"] for r in rows] == pytest.approx([100, 200, 300])
