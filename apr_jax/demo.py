@@ -29,8 +29,11 @@ class Plan:
     Attributes:
       num_train, num_val: problems generated (None: the preset's).
       sft_steps, sft_batch: SFT steps and sequences per step, for each of the two models.
+      sft_seq_len: SFT sequence length (None: the preset's; longer demonstrations are cut).
       eval_problems: problems of the main evaluations (SoS+ and APR, plain and aided, before/after RL).
-      sweep_contexts: thread context sizes of the same-context sweep (the model's own is the main evaluation).
+      eval_context: tokens per thread in the main evaluations, the self-consistency run and GRPO rollouts
+        (None: the model's context).
+      sweep_contexts: smaller thread contexts of the same-context sweep (``eval_context`` is its last point).
       sweep_problems: problems per sweep point.
       sc_samples: samples of the self-consistency evaluation (temperature 1.0; pass@n and cons@n, n <= this).
       sc_problems: problems of the self-consistency evaluation.
@@ -45,7 +48,9 @@ class Plan:
     num_val: int | None
     sft_steps: int
     sft_batch: int
+    sft_seq_len: int | None
     eval_problems: int
+    eval_context: int | None
     sweep_contexts: tuple[int, ...]
     sweep_problems: int
     sc_samples: int
@@ -58,14 +63,17 @@ class Plan:
     estimates_s: tuple[tuple[str, float], ...] = ()
 
 
-FULL = Plan("full", None, None, sft_steps=250, sft_batch=8, eval_problems=100, sweep_contexts=(1024, 2048),
-            sweep_problems=50, sc_samples=4, sc_problems=50, rl_steps=8, rl_problems_per_step=8, rl_group_size=4,
-            estimates_s=(("data", 60), ("sft", 1500), ("eval", 420), ("sweep", 150), ("sc", 600), ("rl", 900),
+# Sized on a 2-core CPU (docs/experiments.md): an SFT step of 4 mini-preset sequences takes about 6-10 s,
+# and a weak model's threads run to their context, so evaluation costs are set by contexts and problem counts.
+FULL = Plan("full", None, None, sft_steps=200, sft_batch=4, sft_seq_len=None, eval_problems=32, eval_context=2048,
+            sweep_contexts=(512, 1024), sweep_problems=32, sc_samples=4, sc_problems=16, rl_steps=4,
+            rl_problems_per_step=4, rl_group_size=4,
+            estimates_s=(("data", 60), ("sft", 1800), ("eval", 240), ("sweep", 90), ("sc", 420), ("rl", 900),
                          ("report", 10)))
-QUICK = Plan("quick", 2_000, 100, sft_steps=30, sft_batch=4, eval_problems=12, sweep_contexts=(512,),
-             sweep_problems=8, sc_samples=2, sc_problems=8, rl_steps=2, rl_problems_per_step=4, rl_group_size=2,
-             slots=16, estimates_s=(("data", 10), ("sft", 150), ("eval", 45), ("sweep", 20), ("sc", 45),
-                                    ("rl", 120), ("report", 5)))
+QUICK = Plan("quick", 2_000, 100, sft_steps=24, sft_batch=4, sft_seq_len=1024, eval_problems=8, eval_context=512,
+             sweep_contexts=(256,), sweep_problems=8, sc_samples=2, sc_problems=4, rl_steps=1, rl_problems_per_step=2,
+             rl_group_size=2, slots=16, estimates_s=(("data", 10), ("sft", 150), ("eval", 30), ("sweep", 15),
+                                                     ("sc", 30), ("rl", 90), ("report", 5)))
 PLANS = {"full": FULL, "quick": QUICK}
 
 
@@ -121,7 +129,9 @@ class Demo:
         run_dir, plan = self.sft_dir(method), self.plan
         ckpts = run_dir / "checkpoints"
         resume = ckpts.is_dir() and RunCheckpointer(ckpts, read_only=True).latest_step() is not None
+        seq_len = {} if plan.sft_seq_len is None else {"seq_len": plan.sft_seq_len}
         cfg = dataclasses.replace(self.preset.train, steps=plan.sft_steps, epochs=None, batch_size=plan.sft_batch,
+                                  **seq_len,
                                   eval_every=max(1, plan.sft_steps // 5), ckpt_every=max(1, plan.sft_steps // 10),
                                   eval_batches=4)
         summary = sft.train(self.preset.model, cfg, self.data_dir, method, run_dir, resume=resume,
@@ -138,7 +148,8 @@ class Demo:
         plan = self.plan
         cfg = dataclasses.replace(self.preset.rl, kl_beta=METHOD_KL_BETA["apr"], steps=plan.rl_steps,
                                   problems_per_step=plan.rl_problems_per_step, group_size=plan.rl_group_size)
-        loop = grpo.LoopConfig(slots=plan.slots, micro_batch=8, eval_every=0, ckpt_every=1, aid=plan.aid)
+        loop = grpo.LoopConfig(slots=plan.slots, micro_batch=8, context=plan.eval_context, eval_every=0, ckpt_every=1,
+                               aid=plan.aid)
         ckpts = self.rl_dir / "checkpoints"
         resume = ckpts.is_dir() and RunCheckpointer(ckpts, read_only=True).latest_step() is not None
         summary = grpo.train(self.sft_dir("apr"), self.rl_dir, cfg, loop, resume=resume, progress=self.progress)
@@ -177,19 +188,20 @@ class Demo:
                 name = f"{method}_sft_{label}"
                 out.append(Stage(f"eval_{name}", "eval", lambda name=name, run_dir=run_dir, method=method,
                                  aid_name=aid_name: self._eval(name, run_dir, method, n=plan.eval_problems,
-                                                               aid=aid_name)))
+                                                               aid=aid_name, context=plan.eval_context)))
         for ctx in plan.sweep_contexts:
             for method, run_dir in (("sosp", sosp), ("apr", apr)):
                 name = f"{method}_sft_aided_ctx{ctx}"
                 out.append(Stage(f"eval_{name}", "sweep", lambda name=name, run_dir=run_dir, method=method, ctx=ctx:
                                  self._eval(name, run_dir, method, n=plan.sweep_problems, aid=aid, context=ctx)))
         out.append(Stage("eval_sc_sft_aided", "sc", lambda: self._eval(
-            "sc_sft_aided", sosp, "sc", n=plan.sc_problems, aid=aid, samples=plan.sc_samples, temperature=1.0)))
+            "sc_sft_aided", sosp, "sc", n=plan.sc_problems, aid=aid, samples=plan.sc_samples, temperature=1.0,
+            context=plan.eval_context)))
         out.append(Stage("rl_apr", "rl", self._rl))
         for label, aid_name in (("plain", "none"), ("aided", aid)):
             name = f"apr_rl_{label}"
             out.append(Stage(f"eval_{name}", "eval", lambda name=name, aid_name=aid_name: self._eval(
-                name, self.rl_dir, "apr", n=plan.eval_problems, aid=aid_name)))
+                name, self.rl_dir, "apr", n=plan.eval_problems, aid=aid_name, context=plan.eval_context)))
         out.append(Stage("report", "report", self._report))
         return out
 

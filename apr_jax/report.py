@@ -88,7 +88,7 @@ def _plot_accuracy(path: Path, groups: dict[str, tuple[float | None, float | Non
     ax.bar(x + 0.2, [100 * a for a in aided], 0.4, label="arithmetic aid (labelled)")
     ax.set_xticks(x, list(groups))
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Greedy accuracy at the model's context")
+    ax.set_title("Greedy accuracy")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -193,7 +193,7 @@ def write_report(demo) -> Path:
             lines.append(f"- SFT {label}: {s['final_step']} steps of {plan.sft_batch}, {s['tokens_seen']:,} tokens, "
                          f"train loss {s['train_loss']:.3f}, validation loss {s['val_loss']:.3f}, "
                          f"{walls.get(f'sft_{m}', 0) / 60:.0f} min")
-    lines += ["", "## 1. Accuracy at the model's context", "",
+    lines += ["", f"## 1. Accuracy ({plan.eval_context or model.max_seq_len} tokens per thread)", "",
               "| run | accuracy | total tokens | sequential tokens | children | wall s/problem (batched) |",
               "|---|---|---|---|---|---|"]
     for key, label in (("sosp_sft_plain", "SoS+ SFT, plain"), ("apr_sft_plain", "APR SFT, plain"),
@@ -207,10 +207,11 @@ def write_report(demo) -> Path:
               "Every thread (SoS+'s one, each APR call) limited to the same number of tokens.", "",
               "| context | SoS+ | APR |", "|---|---|---|"]
     ctx_points: dict[str, list] = {"SoS+": [], "APR": []}
-    for ctx in list(plan.sweep_contexts) + [model.max_seq_len]:
+    main_ctx = plan.eval_context or model.max_seq_len
+    for ctx in list(plan.sweep_contexts) + [main_ctx]:
         row = []
         for method, label in (("sosp", "SoS+"), ("apr", "APR")):
-            key = f"{method}_sft_aided" if ctx == model.max_seq_len else f"{method}_sft_aided_ctx{ctx}"
+            key = f"{method}_sft_aided" if ctx == main_ctx else f"{method}_sft_aided_ctx{ctx}"
             s = get(key)
             row.append(_pct(s["accuracy"]) + f" (n={s['problems']})" if s else "not run")
             if s:

@@ -7,7 +7,8 @@ import pytest
 
 from apr_jax import demo, presets, report
 
-PLAN = demo.Plan("test", None, None, sft_steps=3, sft_batch=8, eval_problems=3, sweep_contexts=(128,),
+PLAN = demo.Plan("test", None, None, sft_steps=3, sft_batch=8, sft_seq_len=None, eval_problems=3, eval_context=256,
+                 sweep_contexts=(128,),
                  sweep_problems=2, sc_samples=2, sc_problems=2, rl_steps=1, rl_problems_per_step=2, rl_group_size=2,
                  slots=8)
 
@@ -18,7 +19,7 @@ def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     logs = []
     path = demo.Demo(preset, PLAN, out, workers=1, progress=False).run(log=logs.append)
     text = path.read_text()
-    for heading in ("## 1. Accuracy", "## 2. Same context", "## 3. Compute scaling", "## 4. Sequential", "## 5. Effect of RL"):
+    for heading in ("## 1. Accuracy (256 tokens per thread)", "## 2. Same context", "## 3. Compute scaling", "## 4. Sequential", "## 5. Effect of RL"):
         assert heading in text
     assert "not run" not in text
     results = json.loads((out / "results.json").read_text())

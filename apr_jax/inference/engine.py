@@ -36,8 +36,8 @@ from apr_jax.model import forward, init_cache, unstack_layers
 from apr_jax.model.config import LlamaConfig
 from apr_jax.model.kv_cache import KVCache
 
-STOP_NONE, STOP_EOS, STOP_SEQUENCE, STOP_LENGTH = 0, 1, 2, 3
-STOP_NAMES = {STOP_EOS: "eos", STOP_SEQUENCE: "stop_sequence", STOP_LENGTH: "length"}
+STOP_NONE, STOP_EOS, STOP_SEQUENCE, STOP_LENGTH, STOP_AID = 0, 1, 2, 3, 4
+STOP_NAMES = {STOP_EOS: "eos", STOP_SEQUENCE: "stop_sequence", STOP_LENGTH: "length", STOP_AID: "aid"}
 
 
 @flax.struct.dataclass
@@ -93,21 +93,23 @@ def _stop_sequence_hit(recent_BR: jax.Array, seqs_MR: jax.Array, lens_M: jax.Arr
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("state",))
 def _decode(cfg: LlamaConfig, sampling: Sampling, params, state: SlotState, stop_seqs_MR, stop_lens_M, eos_id,
-            max_steps) -> tuple[SlotState, jax.Array]:
+            max_steps, aid_ids_A, pause_limit) -> tuple[SlotState, jax.Array]:
     """Decode every active slot until one stops or ``max_steps`` pass; returns the state and the step count.
 
     Inactive slots (free, or finished and held for a continuation) are carried along with zero new tokens and
-    their lengths hidden from attention, so they neither change nor cost key blocks.
+    their lengths hidden from attention, so they neither change nor cost key blocks. A slot that writes a
+    decoding aid's trigger (``aid_ids_A``, -1 padded) *pauses* (``STOP_AID``); the loop returns once
+    ``pause_limit`` slots have paused, so the host serves several pauses with one batched prefill.
     """
     batch, width = state.out.shape
     rows_B = jnp.arange(batch)
 
     def cond(carry):
-        step, st, stopped = carry
-        return (step < max_steps) & jnp.any(st.active) & ~stopped
+        step, st, stopped, paused = carry
+        return (step < max_steps) & jnp.any(st.active) & ~stopped & (paused < pause_limit)
 
     def body(carry):
-        step, st, _ = carry
+        step, st, _, paused = carry
         active_B = st.active
         lengths_B = jnp.where(active_B, st.cache.lengths, 0)
         logits_B1V, cache = forward(cfg, params, st.token[:, None], lengths_B[:, None],
@@ -119,17 +121,20 @@ def _decode(cfg: LlamaConfig, sampling: Sampling, params, state: SlotState, stop
         logp = st.logp.at[rows_B, at_B].set(logp_B, mode="drop")
         count_B = st.count + active_B
         recent_BR = jnp.where(active_B[:, None], jnp.concatenate([st.recent[:, 1:], token_B[:, None]], 1), st.recent)
+        aid_B = jnp.any(token_B[:, None] == aid_ids_A[None, :], axis=-1)
         code_B = jnp.where(token_B == eos_id, STOP_EOS,
                            jnp.where(_stop_sequence_hit(recent_BR, stop_seqs_MR, stop_lens_M), STOP_SEQUENCE,
-                                     jnp.where(count_B >= st.limit, STOP_LENGTH, STOP_NONE)))
+                                     jnp.where(count_B >= st.limit, STOP_LENGTH,
+                                               jnp.where(aid_B, STOP_AID, STOP_NONE))))
         newly_B = active_B & (code_B != STOP_NONE)
         st = st.replace(
             cache=cache, token=jnp.where(active_B, token_B, st.token), active=active_B & ~newly_B, count=count_B,
             stop=jnp.where(active_B, code_B, st.stop), recent=recent_BR, out=out, logp=logp,
         )
-        return step + 1, st, jnp.any(newly_B)
+        pauses = jnp.sum(newly_B & (code_B == STOP_AID), dtype=jnp.int32)
+        return step + 1, st, jnp.any(newly_B & (code_B != STOP_AID)), paused + pauses
 
-    steps, state, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), state, jnp.bool_(False)))
+    steps, state, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), state, jnp.bool_(False), jnp.int32(0)))
     return state, steps
 
 
@@ -262,8 +267,9 @@ class Engine:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.prompt_quantum = prompt_quantum
         self.aid = aid
-        self._stops = [list(s) for s in stop_sequences if len(s)]
-        seqs = self._stops + ([[t] for t in aid.triggers] if aid is not None else [])
+        seqs = [list(s) for s in stop_sequences if len(s)]
+        triggers = list(aid.triggers) if aid is not None else []
+        self._aid_ids = jnp.asarray(np.array(triggers + [-1], np.int32))
         width = max([1] + [len(s) for s in seqs])
         table = np.full((max(1, len(seqs)), width), -1, np.int32)
         lens = np.zeros(max(1, len(seqs)), np.int32)
@@ -413,8 +419,11 @@ class Engine:
         if not self.running:
             return []
         limit = self.context if max_steps is None else max_steps
+        # Aid pauses are served in batches: wait for a quarter of the running slots (or any real stop).
+        pause_limit = max(1, self.running // 4)
         self.state, steps = _decode(self.cfg, self.sampling, self.params, self.state, self._stop_table,
-                                    self._stop_lens, jnp.int32(self.eos_id), jnp.int32(limit))
+                                    self._stop_lens, jnp.int32(self.eos_id), jnp.int32(limit), self._aid_ids,
+                                    jnp.int32(pause_limit))
         self.steps += int(steps)
         self.dispatches += 1
         stop, count = jax.device_get((self.state.stop, self.state.count))
@@ -431,7 +440,7 @@ class Engine:
             row.gen += tokens
             row.gen_logp += logp[slot, :n].tolist()
             code = STOP_NAMES[int(stop[slot])]
-            if code == "stop_sequence" and self.aid is not None:
+            if code == "aid":
                 code = self._aid_resume(slot, row)
                 if code is None:
                     continue
@@ -441,13 +450,8 @@ class Engine:
         return finished
 
     def _aid_resume(self, slot: int, row: _Row) -> str | None:
-        """After an aid trigger (and no real stop sequence): append the forced tokens and queue the row to
-        decode on (returns None). Otherwise the stop to report: ``"stop_sequence"`` for a real one,
-        ``"length"`` when the forced tokens leave no room to decode."""
-        if any(len(s) <= len(row.ids) and row.ids[-len(s):] == s for s in self._stops):
-            return "stop_sequence"
-        if row.ids[-1] not in self.aid.triggers:
-            return "stop_sequence"
+        """After an aid trigger: append the forced tokens and queue the row to decode on (returns None), or
+        return ``"length"`` when the forced tokens leave no room to decode."""
         forced = [int(t) for t in self.aid.force(row.ids)]
         if len(row.gen) + len(forced) >= row.max_new or len(row.ids) + len(forced) >= self.context:
             return "length"
