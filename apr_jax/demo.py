@@ -33,6 +33,8 @@ class Plan:
       eval_problems: problems of the main evaluations (SoS+ and APR, plain and aided, before/after RL).
       eval_context: tokens per thread in the main evaluations, the self-consistency run and GRPO rollouts
         (None: the model's context).
+      max_total_tokens: tokens per problem over all its threads, in every evaluation and rollout (a weak
+        model's APR tree can otherwise spend 16 children x the context).
       sweep_contexts: smaller thread contexts of the same-context sweep (``eval_context`` is its last point).
       sweep_problems: problems per sweep point.
       sc_samples: samples of the self-consistency evaluation (temperature 1.0; pass@n and cons@n, n <= this).
@@ -51,6 +53,7 @@ class Plan:
     sft_seq_len: int | None
     eval_problems: int
     eval_context: int | None
+    max_total_tokens: int | None
     sweep_contexts: tuple[int, ...]
     sweep_problems: int
     sc_samples: int
@@ -66,14 +69,15 @@ class Plan:
 # Sized on a 2-core CPU (docs/experiments.md): an SFT step of 4 mini-preset sequences takes about 6-10 s,
 # and a weak model's threads run to their context, so evaluation costs are set by contexts and problem counts.
 FULL = Plan("full", None, None, sft_steps=200, sft_batch=4, sft_seq_len=None, eval_problems=32, eval_context=2048,
-            sweep_contexts=(512, 1024), sweep_problems=32, sc_samples=4, sc_problems=16, rl_steps=4,
-            rl_problems_per_step=4, rl_group_size=4,
+            max_total_tokens=8192, sweep_contexts=(512, 1024), sweep_problems=32, sc_samples=4, sc_problems=16,
+            rl_steps=4, rl_problems_per_step=4, rl_group_size=4,
             estimates_s=(("data", 60), ("sft", 1800), ("eval", 240), ("sweep", 90), ("sc", 420), ("rl", 900),
                          ("report", 10)))
 QUICK = Plan("quick", 2_000, 100, sft_steps=24, sft_batch=4, sft_seq_len=1024, eval_problems=8, eval_context=512,
-             sweep_contexts=(256,), sweep_problems=8, sc_samples=2, sc_problems=4, rl_steps=1, rl_problems_per_step=2,
-             rl_group_size=2, slots=16, estimates_s=(("data", 10), ("sft", 150), ("eval", 30), ("sweep", 15),
-                                                     ("sc", 30), ("rl", 90), ("report", 5)))
+             max_total_tokens=2048, sweep_contexts=(256,), sweep_problems=8, sc_samples=2, sc_problems=4, rl_steps=1,
+             rl_problems_per_step=2, rl_group_size=2, slots=16,
+             estimates_s=(("data", 10), ("sft", 150), ("eval", 30), ("sweep", 15), ("sc", 30), ("rl", 90),
+                          ("report", 5)))
 PLANS = {"full": FULL, "quick": QUICK}
 
 
@@ -148,8 +152,8 @@ class Demo:
         plan = self.plan
         cfg = dataclasses.replace(self.preset.rl, kl_beta=METHOD_KL_BETA["apr"], steps=plan.rl_steps,
                                   problems_per_step=plan.rl_problems_per_step, group_size=plan.rl_group_size)
-        loop = grpo.LoopConfig(slots=plan.slots, micro_batch=8, context=plan.eval_context, eval_every=0, ckpt_every=1,
-                               aid=plan.aid)
+        loop = grpo.LoopConfig(slots=plan.slots, micro_batch=8, context=plan.eval_context,
+                               max_total_tokens=plan.max_total_tokens, eval_every=0, ckpt_every=1, aid=plan.aid)
         ckpts = self.rl_dir / "checkpoints"
         resume = ckpts.is_dir() and RunCheckpointer(ckpts, read_only=True).latest_step() is not None
         summary = grpo.train(self.sft_dir("apr"), self.rl_dir, cfg, loop, resume=resume, progress=self.progress)
@@ -160,12 +164,15 @@ class Demo:
     def _eval(self, name: str, run_dir: Path, mode: str, *, n: int, aid: str = "none", context: int | None = None,
               samples: int = 1, temperature: float = 0.0) -> dict:
         from apr_jax.inference import evaluate as ev
-        from apr_jax.inference.runtime import RunConfig
+        from apr_jax.inference.runtime import Budgets, RunConfig
         from apr_jax.inference.sampling import Sampling
 
         model_cfg, params, tok = ev.load_run_model(run_dir)
         problems = ev.load_problems(run_dir, None, n)
-        run = RunConfig(mode=mode, samples=samples, seed=0)
+        budget = self.plan.max_total_tokens
+        if budget is not None and mode == "sc":
+            budget *= samples  # the budget is per problem; self-consistency's samples share it
+        run = RunConfig(mode=mode, samples=samples, seed=0, budgets=Budgets(max_total_tokens=budget))
         _, summary = ev.evaluate(model_cfg, params, tok, problems, run, slots=self.plan.slots, context=context,
                                  sampling=Sampling(temperature=temperature), out=self.eval_file(name),
                                  progress=self.progress, aid=aid)
@@ -219,8 +226,8 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         self.marker_dir.mkdir(exist_ok=True)
         plan_file = self.out / "plan.json"
-        record = {"preset": self.preset.name, "plan": dataclasses.asdict(self.plan),
-                  "data": dataclasses.asdict(self.data_cfg)}
+        plan = {k: v for k, v in dataclasses.asdict(self.plan).items() if k != "estimates_s"}  # not outputs
+        record = {"preset": self.preset.name, "plan": plan, "data": dataclasses.asdict(self.data_cfg)}
         if plan_file.exists() and json.loads(plan_file.read_text()) != json.loads(json.dumps(record)):
             raise ValueError(f"{self.out} holds a demo run with another preset or plan ({plan_file}); "
                              "use another --out or delete the folder")

@@ -11,7 +11,7 @@ import dataclasses
 import importlib
 from typing import Any
 
-PRESET_NAMES = ("tiny", "mini", "paper")
+PRESET_NAMES = ("tiny", "mini", "paper", "gpu_short")
 
 
 @dataclasses.dataclass(frozen=True)

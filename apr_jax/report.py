@@ -76,26 +76,29 @@ def _row(label: str, s: dict | None) -> str:
             f"{wall:.1f} |")
 
 
-def _plot_accuracy(path: Path, groups: dict[str, tuple[float | None, float | None]]) -> None:
+def plot_accuracy(path: Path, groups: dict[str, tuple[float | None, float | None]]) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(groups))
     plain = [v[0] or 0.0 for v in groups.values()]
-    aided = [v[1] or 0.0 for v in groups.values()]
-    ax.bar(x - 0.2, [100 * p for p in plain], 0.4, label="plain")
-    ax.bar(x + 0.2, [100 * a for a in aided], 0.4, label="arithmetic aid (labelled)")
+    aided = [v[1] for v in groups.values()]
+    if all(a is None for a in aided):
+        ax.bar(x, [100 * p for p in plain], 0.5)
+    else:
+        ax.bar(x - 0.2, [100 * p for p in plain], 0.4, label="plain")
+        ax.bar(x + 0.2, [100 * (a or 0.0) for a in aided], 0.4, label="arithmetic aid (labelled)")
+        ax.legend()
     ax.set_xticks(x, list(groups))
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Greedy accuracy")
-    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _plot_context(path: Path, points: dict[str, list[tuple[int, float]]]) -> None:
+def plot_context(path: Path, points: dict[str, list[tuple[int, float]]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -112,7 +115,7 @@ def _plot_context(path: Path, points: dict[str, list[tuple[int, float]]]) -> Non
     plt.close(fig)
 
 
-def _plot_scaling(path: Path, sc: list[dict], apr_points: dict[str, tuple[float, float]]) -> None:
+def plot_scaling(path: Path, sc: list[dict], apr_points: dict[str, tuple[float, float]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, ref) = plt.subplots(1, 2, figsize=(11, 4))
@@ -137,7 +140,7 @@ def _plot_scaling(path: Path, sc: list[dict], apr_points: dict[str, tuple[float,
     plt.close(fig)
 
 
-def _plot_latency(path: Path, points: dict[str, list[tuple[float, float, float]]]) -> None:
+def plot_latency(path: Path, points: dict[str, list[tuple[float, float, float]]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
@@ -270,12 +273,12 @@ def write_report(demo) -> Path:
     lines += [f"| {k} | {v / 60:.1f} |" for k, v in walls.items()]
     lines.append(f"| total | {sum(walls.values()) / 60:.1f} |")
 
-    _plot_accuracy(out / "accuracy.png", {
+    plot_accuracy(out / "accuracy.png", {
         label: ((get(f"{k}_plain") or {}).get("accuracy"), (get(f"{k}_aided") or {}).get("accuracy"))
         for k, label in (("sosp_sft", "SoS+ SFT"), ("apr_sft", "APR SFT"), ("apr_rl", "APR SFT+RL"))})
-    _plot_context(out / "same_context.png", ctx_points)
-    _plot_scaling(out / "compute_scaling.png", sc, apr_points)
-    _plot_latency(out / "latency.png", lat_points)
+    plot_context(out / "same_context.png", ctx_points)
+    plot_scaling(out / "compute_scaling.png", sc, apr_points)
+    plot_latency(out / "latency.png", lat_points)
     results = {"preset": demo.preset.name, "plan": plan.name, "evaluations": summaries, "sc_curves": sc,
                "stage_wall_s": walls, "paper": PAPER}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

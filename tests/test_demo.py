@@ -8,7 +8,7 @@ import pytest
 from apr_jax import demo, presets, report
 
 PLAN = demo.Plan("test", None, None, sft_steps=3, sft_batch=8, sft_seq_len=None, eval_problems=3, eval_context=256,
-                 sweep_contexts=(128,),
+                 max_total_tokens=1024, sweep_contexts=(128,),
                  sweep_problems=2, sc_samples=2, sc_problems=2, rl_steps=1, rl_problems_per_step=2, rl_group_size=2,
                  slots=8)
 

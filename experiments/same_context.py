@@ -1,0 +1,44 @@
+"""Experiment 1 (the paper's Fig. 4b analogue): APR vs SoS+ when every thread has the same context window.
+
+For each context size, SoS+ (one serial thread) and APR (every call, parent or child, limited to the same
+size) are evaluated greedily on the same validation problems; APR also with several child-count limits
+(children past the limit are not run and join as failed).
+
+    python experiments/same_context.py --sosp runs/demo/sft_sosp --apr runs/demo/sft_apr \\
+        --contexts 512,1024,2048 --children 2,4,16 --problems 32 --aid arithmetic --out runs/exp_context
+"""
+
+from _evals import common_args, evaluate, write_json
+
+
+def main() -> None:
+    p = common_args(__doc__.splitlines()[0])
+    p.add_argument("--sosp", required=True, help="SoS+ SFT (or RL) run folder")
+    p.add_argument("--apr", required=True, help="APR SFT (or RL) run folder")
+    p.add_argument("--contexts", default="512,1024,2048", help="tokens per thread, comma-separated")
+    p.add_argument("--children", default="16", help="APR child-count limits, comma-separated")
+    args = p.parse_args()
+    from pathlib import Path
+
+    from apr_jax.report import plot_context
+
+    contexts = [int(c) for c in args.contexts.split(",")]
+    children = [int(c) for c in args.children.split(",")]
+    rows, points = [], {"SoS+": []}
+    for ctx in contexts:
+        s = evaluate(args.sosp, f"sosp_ctx{ctx}", args, mode="sosp", context=ctx)
+        rows.append({"method": "sosp", "context": ctx, "accuracy": s["accuracy"], "problems": s["problems"],
+                     "mean_total_tokens": s["mean_total_tokens"]})
+        points["SoS+"].append((ctx, s["accuracy"]))
+        for k in children:
+            s = evaluate(args.apr, f"apr_ctx{ctx}_children{k}", args, mode="apr", context=ctx, max_children=k)
+            rows.append({"method": "apr", "context": ctx, "max_children": k, "accuracy": s["accuracy"],
+                         "problems": s["problems"], "mean_total_tokens": s["mean_total_tokens"],
+                         "mean_children": s["mean_children"]})
+            points.setdefault(f"APR (<= {k} children)", []).append((ctx, s["accuracy"]))
+    plot_context(Path(args.out) / "same_context.png", points)
+    write_json(args, "same_context", {"rows": rows, "paper": {"apr_rl_4k": 0.834, "sosp_rl_4k": 0.600}})
+
+
+if __name__ == "__main__":
+    main()
