@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-quick test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/apr-jax demo --preset mini --out runs/demo
+
+demo-quick: $(STAMP)
+	$(VENV)/bin/apr-jax demo --preset mini --quick --out runs/demo_quick
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
