@@ -135,6 +135,7 @@ class Demo:
         resume = ckpts.is_dir() and RunCheckpointer(ckpts, read_only=True).latest_step() is not None
         seq_len = {} if plan.sft_seq_len is None else {"seq_len": plan.sft_seq_len}
         cfg = dataclasses.replace(self.preset.train, steps=plan.sft_steps, epochs=None, batch_size=plan.sft_batch,
+                                  warmup_steps=min(self.preset.train.warmup_steps, max(1, plan.sft_steps // 4)),
                                   **seq_len,
                                   eval_every=max(1, plan.sft_steps // 5), ckpt_every=max(1, plan.sft_steps // 10),
                                   eval_batches=4)
