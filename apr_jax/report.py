@@ -169,7 +169,7 @@ def write_report(demo) -> Path:
     summaries = {p.name[:-len(".summary.json")]: json.loads(p.read_text())
                  for p in sorted((out / "eval").glob("*.summary.json"))}
     get = summaries.get
-    walls = {p.stem: json.loads(p.read_text())["wall_s"] for p in sorted(demo.marker_dir.glob("*.json"))}
+    walls = {st.name: demo.done(st.name)["wall_s"] for st in demo.stages() if demo.done(st.name) is not None}
     data = demo.done("data") or {}
     sft = {m: (demo.done(f"sft_{m}") or {}).get("summary", {}) for m in ("sosp", "apr")}
     sc = sc_curves(read_results(demo.eval_file("sc_sft_aided")))
@@ -258,7 +258,7 @@ def write_report(demo) -> Path:
                         if ref else " | | |"))
     rl = (demo.done("rl_apr") or {}).get("summary")
     if rl:
-        lines.append(f"\nGRPO: {rl['steps']} steps of {plan.rl_problems_per_step} problems x G={plan.rl_group_size} "
+        lines.append(f"\nGRPO: {rl['steps']} step(s) of {plan.rl_problems_per_step} problems x G={plan.rl_group_size} "
                      f"(aid: {plan.aid}), {walls.get('rl_apr', 0) / 60:.0f} min; last step reward "
                      f"{rl['last'].get('reward', 0):.3f}, KL {rl['last'].get('kl', 0):.4f}.")
     lines += [f"\nPaper: {_pct(PAPER['apr_sft_greedy'])} -> {_pct(PAPER['apr_rl_greedy'])}, children "

@@ -46,6 +46,16 @@ def abstract_like(tree: Any, shardings: Any | None = None) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+class _QuietReadOnly(logging.Filter):
+    """Drops orbax's warning that a directory opened read-only is read-only (we asked for that)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Given directory is read only" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
+
+
 class RunCheckpointer:
     """A thin wrapper of ``ocp.CheckpointManager`` for the three items of a run."""
 
