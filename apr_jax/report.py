@@ -76,6 +76,11 @@ def _row(label: str, s: dict | None) -> str:
             f"{wall:.1f} |")
 
 
+def _percent_axis(ax) -> None:
+    """Accuracy axes start at 0 and show at least 0-10%, so all-zero results do not plot below zero."""
+    ax.set_ylim(0, max(10.0, ax.get_ylim()[1]))
+
+
 def plot_accuracy(path: Path, groups: dict[str, tuple[float | None, float | None]]) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
@@ -92,6 +97,7 @@ def plot_accuracy(path: Path, groups: dict[str, tuple[float | None, float | None
         ax.legend()
     ax.set_xticks(x, list(groups))
     ax.set_ylabel("accuracy (%)")
+    _percent_axis(ax)
     ax.set_title("Greedy accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -108,6 +114,7 @@ def plot_context(path: Path, points: dict[str, list[tuple[int, float]]]) -> None
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens per thread (context window)")
     ax.set_ylabel("accuracy (%)")
+    _percent_axis(ax)
     ax.set_title("Same context window (aided); paper at 4K: APR+RL 83.4, SoS+ +RL 60.0", fontsize=9)
     ax.legend()
     fig.tight_layout()
@@ -126,6 +133,7 @@ def plot_scaling(path: Path, sc: list[dict], apr_points: dict[str, tuple[float, 
         ax.plot([tokens], [100 * acc], "*", markersize=12, label=label)
     ax.set_xlabel("mean total tokens per problem")
     ax.set_ylabel("accuracy (%)")
+    _percent_axis(ax)
     ax.set_title("Ours (mini, aided, T=1 for SoS+ samples)")
     ax.legend(fontsize=8)
     n = range(1, 9)
@@ -153,6 +161,7 @@ def plot_latency(path: Path, points: dict[str, list[tuple[float, float, float]]]
     b.set_xlabel("mean wall time per problem on this CPU (s, batched)")
     for ax in (a, b):
         ax.set_ylabel("accuracy (%)")
+        _percent_axis(ax)
         ax.legend(fontsize=8)
     a.set_title("Paper: APR 75.2% vs SoS+ 57.3% at ~5 s per sample", fontsize=9)
     fig.tight_layout()
