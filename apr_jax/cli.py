@@ -117,7 +117,7 @@ def cmd_eval(args) -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k)
     _, summary = ev.evaluate(model_cfg, params, tok, problems, run, slots=args.slots, context=args.context,
                              sampling=sampling, out=args.out, keep_tokens=args.keep_tokens,
-                             progress=not args.quiet, aid=args.aid)
+                             progress=not args.quiet, aid=args.aid, backend=args.backend, timeout=args.timeout)
     aided = "" if args.aid == "none" else f" [decoding aid: {args.aid}]"
     print(f"{args.mode}{aided}: accuracy {summary['accuracy']:.1%} on {summary['problems']} problems"
           + (f" (pass@{args.samples} {summary['pass_at_n']:.1%})" if args.mode == "sc" else "")
@@ -145,6 +145,16 @@ def cmd_rl(args) -> int:
                            eval_problems=args.eval_problems, ckpt_every=args.ckpt_every, aid=args.aid)
     summary = grpo.train(args.init, args.out, cfg, loop, resume=args.resume, progress=not args.quiet)
     print(json.dumps(summary, default=str))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """The engine of a run behind an OpenAI-compatible completions API (continuous batching across requests)."""
+    from apr_jax.inference.sampling import Sampling
+    from apr_jax.inference.server import serve_run
+
+    serve_run(args.ckpt, host=args.host, port=args.port, slots=args.slots, context=args.context,
+              sampling=Sampling(temperature=args.temperature, top_k=args.top_k), step=args.step)
     return 0
 
 
@@ -240,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-tokens", type=int, help="tokens per problem over all threads (default: no cap)")
     p.add_argument("--sub-call-budget", type=int, help="APR conditioning prefix 'Sub Call Budget: N'")
     p.add_argument("--token-budget", type=int, help="SoS+ conditioning prefix 'Token Budget: N'")
+    p.add_argument("--backend", help="URL of an OpenAI-compatible completions server (SGLang, apr-jax serve) to "
+                                      "decode on instead of the in-process engine; --slots = requests in flight")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request to --backend")
     p.add_argument("--aid", choices=("none", "arithmetic"), default="none",
                    help="labelled decoding aid: 'arithmetic' lets the runtime write operation results and resulting "
                         "lists (the model still chooses the search); reported beside plain results, never instead")
@@ -279,6 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a preset's configs and parameter counts")
     _add_preset(p)
     p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("serve", help="serve a run on an OpenAI-compatible /v1/completions API")
+    p.add_argument("--ckpt", required=True, help="run folder")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed)")
+    p.add_argument("--slots", type=int, default=32, help="threads decoded at once across all requests")
+    p.add_argument("--context", type=int, help="tokens per request (default: the model's context)")
+    p.add_argument("--temperature", type=float, default=0.0, help="the server's sampling (requests must match)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("demo", help="the main job: the whole pipeline on a preset")
     _add_preset(p)

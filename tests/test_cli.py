@@ -1,6 +1,8 @@
 """The command line end to end on the tiny preset: data -> train -> export -> eval."""
 
 import json
+import subprocess
+import sys
 
 from apr_jax import cli
 
@@ -31,6 +33,23 @@ def test_pipeline_commands(tmp_path, capsys):
     assert all(r["threads"] and r["threads"][0]["role"] == "parent" for r in records)
     assert all(r["total_tokens"] <= 128 * (1 + 16 * 9) for r in records)
     assert all(t["stop"] and t["slot"] is not None for r in records for t in r["threads"] if t["role"] == "parent")
+
+    # the same evaluation through `apr-jax serve` (a second process on a free loopback port)
+    server = subprocess.Popen([sys.executable, "-m", "apr_jax.cli", "serve", "--ckpt", str(run), "--port", "0",
+                               "--slots", "4", "--context", "128"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert "serving" in line, line
+        url = line.split(" on ")[1].split()[0]
+        remote = tmp_path / "remote.jsonl"
+        assert cli.main(["eval", "--ckpt", str(run), "--mode", "apr", "--n-problems", "3", "--slots", "4",
+                         "--context", "128", "--quiet", "--backend", url, "--out", str(remote)]) == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    via_server = [json.loads(line) for line in remote.read_text().splitlines()]
+    assert [[(t["path"], t["output"], t["stop"]) for t in r["threads"]] for r in via_server] == \
+        [[(t["path"], t["output"], t["stop"]) for t in r["threads"]] for r in records]
 
     page = tmp_path / "view.html"
     assert cli.main(["view", str(out), "--problem", str(records[1]["problem"]["id"]), "--out", str(page)]) == 0

@@ -161,7 +161,7 @@ def test_evaluation_resumes_from_its_partial_results(tmp_path):
              progress=False)
     (tmp_path / "res.jsonl.partial").write_text((tmp_path / "part.jsonl").read_text())
     header = json.dumps({"run": dataclasses.asdict(run), "sampling": dataclasses.asdict(sampling), "context": 64,
-                             "aid": "none"},
+                             "aid": "none", "backend": None},
                         sort_keys=True)
     (tmp_path / "res.jsonl.partial.json").write_text(header)
     resumed, summary = evaluate(cfg, params, tok, problems, run, slots=2, sampling=sampling, out=out,

@@ -209,6 +209,7 @@ class Finished:
     start_s: float
     end_s: float
     forced: list[int] = dataclasses.field(default_factory=list)
+    error: str | None = None  # remote backends: why the thread failed (``stop == "error"``)
 
 
 @dataclasses.dataclass

@@ -56,8 +56,8 @@ def _strip(result: dict, keep_tokens: bool) -> dict:
 
 def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunConfig, *, slots: int = 16,
              context: int | None = None, sampling: Sampling = GREEDY, out: str | Path | None = None,
-             keep_tokens: bool = False, progress: bool = True, resume: bool = True, aid: str = "none"
-             ) -> tuple[list[dict], dict]:
+             keep_tokens: bool = False, progress: bool = True, resume: bool = True, aid: str = "none",
+             backend: str | None = None, timeout: float = 120.0) -> tuple[list[dict], dict]:
     """Solve ``problems`` with the engine; returns the per-problem results (input order) and a summary.
 
     With ``out``, each result is appended to ``out.partial`` as its problem finishes; at the end the results
@@ -68,19 +68,31 @@ def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunCon
 
     ``aid="arithmetic"`` turns on the labelled decoding aid of :mod:`apr_jax.inference.aid`; every result
     and the summary name the aid used.
+
+    ``backend`` (a URL) decodes on a remote completions server (SGLang, ``apr-jax serve``) through
+    :class:`apr_jax.inference.remote.RemoteEngine` instead of the in-process engine; ``slots`` is then the
+    number of requests in flight. The aid needs the in-process engine.
     """
     from apr_jax.data import tokenizer as tokenization
 
     _, bos, eos = tokenization.special_ids(tokenizer)
     codec = Codec(tokenizer, bos, eos)
-    engine = Engine(model_cfg, params, slots=slots, eos_id=eos, context=context, sampling=sampling,
-                    stop_sequences=[codec.ids(traces.JOIN_OPEN)], aid=make_aid(aid, codec))
+    if backend is not None:
+        from apr_jax.inference.remote import RemoteEngine
+
+        if aid != "none":
+            raise ValueError("the decoding aid runs inside the in-process engine; a remote backend cannot apply it")
+        engine = RemoteEngine(backend, codec, context=context or model_cfg.max_seq_len, sampling=sampling,
+                              stop=[traces.JOIN_OPEN], concurrency=slots, timeout=timeout)
+    else:
+        engine = Engine(model_cfg, params, slots=slots, eos_id=eos, context=context, sampling=sampling,
+                        stop_sequences=[codec.ids(traces.JOIN_OPEN)], aid=make_aid(aid, codec))
     runtime = Runtime(engine, codec, run)
     keyed = [{**p, "id": p.get("id", i)} for i, p in enumerate(problems)]
     done: dict[object, dict] = {}
     partial = None if out is None else Path(str(out) + ".partial")
     settings = json.dumps({"run": dataclasses.asdict(run), "sampling": dataclasses.asdict(sampling),
-                           "context": engine.context, "aid": aid}, sort_keys=True)
+                           "context": engine.context, "aid": aid, "backend": backend}, sort_keys=True)
     if partial is not None:
         partial.parent.mkdir(parents=True, exist_ok=True)
         header = Path(str(partial) + ".json")
@@ -133,6 +145,7 @@ def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunCon
                "decode_steps": engine.steps, "dispatches": engine.dispatches, "slots": slots,
                "context": engine.context, "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k},
                "seed": run.seed, "samples": run.samples, "budgets": vars(run.budgets), "aid": aid,
+               "backend": backend or "in-process", "backend_failures": getattr(engine, "failures", 0),
                "forced_tokens": engine.forced_tokens}
     results = [_strip(r, keep_tokens) for r in results]
     if out is not None:

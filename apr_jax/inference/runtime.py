@@ -18,7 +18,8 @@ Budgets (:class:`Budgets`) are enforced here and in the engine, each with a reco
 ``max_spawns`` ends the problem; a thread stops at the context (``thread_limit``); the problem's total tokens
 (prompts + outputs, shared prefixes once) stop at ``max_total_tokens`` (``problem_budget``). Malformed output
 (an unclosed or unparsable spawn block, a join marker written by the model, garbage) never raises: the
-problem ends with a reason and the rest of the batch goes on.
+problem ends with a reason and the rest of the batch goes on. So does a thread a remote backend could not
+decode (``stop == "error"``): its problem ends with the backend's reason, its other threads are abandoned.
 
 Token accounting per thread: ``charged = new prompt tokens prefilled + generated tokens`` (a continuation's
 reused prefix is not charged again). total = sum over threads; sequential = parent calls + the longest
@@ -213,6 +214,15 @@ class Runtime:
         if f.forced:
             rec["forced"], rec["forced_tokens"] = f.forced, len(f.forced)
         prob.charged += f.new_prompt_tokens + len(f.tokens)
+        if f.stop == "error" or prob.done:  # a backend failure, or a thread of a problem that already ended
+            self.engine.release(f.key)
+            rec.pop("_max_new_is_budget", None)
+            rec["stop"] = "error" if f.stop == "error" else "abandoned"
+            if f.error:
+                rec["error"] = f.error
+            if not prob.done:
+                self._end(prob, None, f"backend error: {f.error}")
+            return
         if f.stop == "length":
             rec["stop"] = "problem_budget" if rec.pop("_max_new_is_budget", False) else "thread_limit"
         elif f.stop == "stop_sequence":
