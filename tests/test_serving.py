@@ -203,3 +203,50 @@ def test_faults_are_recorded_per_problem_and_the_run_finishes(fault, expected, a
     for r in results:
         assert not r["correct"] and r["reason"].startswith("backend error") and expected in r["reason"]
     assert len(calls) == attempts * 2  # retried only what retrying can fix
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_independent_server_transformers_serve_reproduces_the_in_process_trees(params, tmp_path):
+    """The exported checkpoint served by `transformers serve` (FastAPI + torch, CPU): text prompts, stop
+    strings applied by the client (it does not report which stop matched)."""
+    import os
+    import subprocess
+    import sys
+
+    from apr_jax.data.tokenizer import save_tokenizer
+    from apr_jax.export.hf import export_hf
+
+    tok_path = save_tokenizer(CODEC.tok, tmp_path / "tokenizer.json")
+    hf_dir = tmp_path / "hf"
+    export_hf(CFG, params, hf_dir, tokenizer_json_path=tok_path)
+    port = _free_port()
+    cli = os.path.join(os.path.dirname(sys.executable), "transformers")
+    proc = subprocess.Popen([cli, "serve", str(hf_dir), "--device", "cpu", "--port", str(port), "--host", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None, "transformers serve exited"
+                time.sleep(0.5)
+        for mode in ("sosp", "apr"):
+            run = RunConfig(mode=mode, seed=1)
+            local = Runtime(engine(params), CODEC, run).solve(PROBLEMS[:3])
+            remote_engine = RemoteEngine(url, CODEC, context=CFG.max_seq_len, concurrency=2, model=str(hf_dir),
+                                         prompt_as="text", server_stops=False, timeout=120)
+            remote = Runtime(remote_engine, CODEC, run).solve(PROBLEMS[:3])
+            assert remote_engine.failures == 0, [r["reason"] for r in remote]
+            assert trees(remote) == trees(local)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

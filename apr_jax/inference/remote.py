@@ -49,13 +49,22 @@ class RemoteEngine:
       concurrency: requests in flight at once (the "slots" of a remote server).
       timeout: seconds per HTTP request; retries: extra attempts on connection errors, 5xx and timeouts.
       model: the ``model`` field of requests (SGLang accepts any; it names the served model).
+      prompt_as: ``"ids"`` (default: token ids, used as given) or ``"text"`` for servers that take only
+        strings (``transformers serve``): the prompt's text without BOS, which the server's tokenizer adds.
+      server_stops: send the stop strings to the server (default). False for servers that do not say which
+        stop matched (no ``matched_stop``): the thread then decodes to EOS or its limit and the stop strings
+        are applied here, to the returned text.
     """
 
     def __init__(self, url: str, codec, *, context: int, sampling: Sampling = GREEDY,
                  stop: Sequence[str] = ("<Sub Searches>",), concurrency: int = 32, timeout: float = 120.0,
-                 retries: int = 2, backoff: float = 0.5, model: str = "default"):
+                 retries: int = 2, backoff: float = 0.5, model: str = "default", prompt_as: str = "ids",
+                 server_stops: bool = True):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if prompt_as not in ("ids", "text"):
+            raise ValueError(f"prompt_as must be 'ids' or 'text', got {prompt_as!r}")
+        self.prompt_as, self.server_stops = prompt_as, server_stops
         self.url = url.rstrip("/") + "/v1/completions"
         self.codec, self.context, self.sampling, self.stop = codec, context, sampling, list(stop)
         self.concurrency, self.timeout, self.retries, self.backoff, self.model = (
@@ -132,8 +141,10 @@ class RemoteEngine:
     # ------------------------------------------------------------------------------ one request
 
     def _payload(self, prompt: list[int], max_new: int, rng: np.ndarray) -> bytes:
-        body = {"model": self.model, "prompt": prompt, "max_tokens": int(max_new),
-                "temperature": self.sampling.temperature, "seed": key_to_seed(rng), "stop": self.stop}
+        body = {"model": self.model, "prompt": prompt if self.prompt_as == "ids" else self.codec.text(prompt),
+                "max_tokens": int(max_new), "temperature": self.sampling.temperature, "seed": key_to_seed(rng)}
+        if self.server_stops:
+            body["stop"] = self.stop
         if self.sampling.top_k:
             body["top_k"] = self.sampling.top_k
         return json.dumps(body).encode()
@@ -179,6 +190,11 @@ class RemoteEngine:
             stop = ("length" if reason == "length" else
                     "stop_sequence" if isinstance(matched, str) and matched in self.stop else "eos")
             return exact, stop
+        if not self.server_stops:
+            cut = [(text.find(s), s) for s in self.stop if text.find(s) >= 0]
+            if cut:
+                at, matched = min(cut)
+                text, reason = text[:at], "stop"
         ids = self.codec.ids(text)
         if reason == "length":
             return ids, "length"
