@@ -23,6 +23,8 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=32, help="threads the engine decodes at once")
     p.add_argument("--aid", choices=("none", "arithmetic"), default="none",
                    help="labelled decoding aid (see apr_jax.inference.aid); say which in anything you publish")
+    p.add_argument("--backend", help="URL of a completions server (SGLang, apr-jax serve) holding the run's exported "
+                                     "model, instead of the in-process engine (--slots = requests in flight)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -47,7 +49,7 @@ def evaluate(run_dir: str, name: str, args, *, mode: str, context: int | None = 
                     budgets=Budgets(max_children=max_children))
     _, summary = ev.evaluate(model_cfg, params, tok, problems, run, slots=slots or args.slots, context=context,
                              sampling=Sampling(temperature=temperature), out=out, progress=not args.quiet,
-                             aid=args.aid)
+                             aid=args.aid, backend=args.backend)
     return summary
 
 

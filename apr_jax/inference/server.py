@@ -11,7 +11,7 @@ Endpoints (JSON):
 
 Every request becomes one thread of one shared :class:`~apr_jax.inference.engine.Engine`, so concurrent
 requests are decoded together (continuous batching): an engine thread admits new requests between decode
-dispatches. A request's sampling key comes from its ``seed`` exactly as the APR runtime derives thread keys,
+dispatches, which it limits to ``admit_every`` steps so that a new request never waits for a long one. A request's sampling key comes from its ``seed`` exactly as the APR runtime derives thread keys,
 so a client that sends the runtime's per-thread seeds gets the in-process engine's tokens. The engine's
 sampling (temperature, top-k) is fixed per server (``--temperature``); a request that asks for another is
 refused (400) rather than silently served differently. Stop strings the server was started with end decoding
@@ -71,8 +71,10 @@ class _Pending:
 class EngineService:
     """The engine thread: admits requests between dispatches and hands each finished thread to its caller."""
 
-    def __init__(self, engine: Engine, codec, model_name: str = "apr-jax", device_stops: Sequence[str] = ()):
+    def __init__(self, engine: Engine, codec, model_name: str = "apr-jax", device_stops: Sequence[str] = (),
+                 admit_every: int = 16):
         self.engine, self.codec, self.model_name = engine, codec, model_name
+        self.admit_every = admit_every  # decode steps per dispatch: how long a new request waits at most
         self.device_stops = list(device_stops)
         self._inbox: queue.Queue[tuple[int, _Pending]] = queue.Queue()
         self._ids = itertools.count()
@@ -112,7 +114,7 @@ class EngineService:
                         break
                     if pending is not None:
                         self._admit(rid, pending)
-                for f in self.engine.step():
+                for f in self.engine.step(max_steps=self.admit_every):
                     self.engine.release(f.key)
                     pending = self._waiting.pop(f.key)
                     pending.result = f
