@@ -212,3 +212,27 @@ def test_aid_forced_tokens_are_spliced_in_place_and_decoding_goes_on_exactly(par
                                    [float(logp[len(prompt) - 1 + i, f.tokens[i]]) for i in sampled], atol=1e-4)
         assert all(f.logprobs[i] == 0.0 for i in forced)
     assert fired >= 2
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2)])
+def test_slots_sharded_over_a_mesh_decode_exactly_the_threads_of_one_device(params, shape):
+    from apr_jax.train import sharding as sh
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices")
+    mesh = sh.make_mesh(shape)
+    threads = {i: (p, 20) for i, p in enumerate(prompts(11, seed=5))}  # 11 threads through 8 slots: refills
+    for sampling in (GREEDY, Sampling(temperature=1.0, top_k=20)):
+        one = run(params, threads, slots=8, sampling=sampling)
+        split = run(params, threads, slots=8, sampling=sampling, mesh=mesh)
+        for k in threads:
+            assert split[k].tokens == one[k].tokens and split[k].stop == one[k].stop
+            np.testing.assert_allclose(split[k].logprobs, one[k].logprobs, atol=1e-5)
+    engine = Engine(CFG, params, slots=8, eos_id=EOS, mesh=mesh)
+    shards = engine.state.cache.k.addressable_shards
+    assert len(shards) == 8 and shards[0].data.shape[1] == 1  # one slot's cache row per device
+    engine.submit("a", prompts(1)[0], 5, thread_key(0, "p", "a"))
+    engine.step()
+    assert len(engine.state.cache.k.addressable_shards) == 8 and engine.state.cache.k.sharding.spec[1] is not None
+    with pytest.raises(ValueError, match="slots"):
+        Engine(CFG, params, slots=6, eos_id=EOS, mesh=mesh)

@@ -91,8 +91,7 @@ def _stop_sequence_hit(recent_BR: jax.Array, seqs_MR: jax.Array, lens_M: jax.Arr
     return jnp.any(jnp.all(equal_BMR, axis=-1) & (lens_M > 0)[None], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("state",))
-def _decode(cfg: LlamaConfig, sampling: Sampling, params, state: SlotState, stop_seqs_MR, stop_lens_M, eos_id,
+def _decode_impl(cfg: LlamaConfig, sampling: Sampling, params, state: SlotState, stop_seqs_MR, stop_lens_M, eos_id,
             max_steps, aid_ids_A, pause_limit) -> tuple[SlotState, jax.Array]:
     """Decode every active slot until one stops or ``max_steps`` pass; returns the state and the step count.
 
@@ -138,8 +137,7 @@ def _decode(cfg: LlamaConfig, sampling: Sampling, params, state: SlotState, stop
     return state, steps
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "fresh"), donate_argnames=("state",))
-def _admit(cfg: LlamaConfig, fresh: bool, params, state: SlotState, rows_R, tokens_RP, keep_R, num_new_R, last_R,
+def _admit_impl(cfg: LlamaConfig, fresh: bool, params, state: SlotState, rows_R, tokens_RP, keep_R, num_new_R, last_R,
            limit_R, key_R2, recent_RW) -> SlotState:
     """Start threads in slots ``rows_R`` (padding entries hold ``rows_R == B`` and are dropped).
 
@@ -170,6 +168,23 @@ def _admit(cfg: LlamaConfig, fresh: bool, params, state: SlotState, rows_R, toke
         active=put(state.active, True), count=put(state.count, 0), limit=put(state.limit, limit_R),
         key=put(state.key, key_R2), stop=put(state.stop, STOP_NONE), recent=put(state.recent, recent_RW),
     )
+
+
+_decode = jax.jit(_decode_impl, static_argnames=("cfg", "sampling"), donate_argnames=("state",))
+_admit = jax.jit(_admit_impl, static_argnames=("cfg", "fresh"), donate_argnames=("state",))
+
+
+def state_shardings(mesh, cache_dims: int = 5):
+    """Shardings of a :class:`SlotState` on ``mesh``: the slot (row) axis over every device (``data`` x
+    ``fsdp``), everything else replicated; the cache ``[L, B, K, S, H]`` split on its row axis."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from apr_jax.train import sharding as sh
+
+    rows = sh.batch_sharding(mesh)
+    cache_rows = NamedSharding(mesh, P(None, rows.spec[0]))
+    return SlotState(cache=KVCache(k=cache_rows, v=cache_rows, lengths=rows), token=rows, active=rows, count=rows,
+                     limit=rows, key=rows, stop=rows, recent=rows, out=rows, logp=rows)
 
 
 def _pow2(n: int, floor: int = 1) -> int:
@@ -254,11 +269,15 @@ class Engine:
         handful of shapes only.
       aid: an optional decoding aid (:mod:`apr_jax.inference.aid`): when a thread writes one of its
         ``triggers``, the engine appends ``aid.force(ids)`` to the thread in place and decoding goes on.
+      mesh: an optional ``("data", "fsdp")`` device mesh (:func:`apr_jax.train.sharding.make_mesh`): the slots
+        (and their KV cache rows) are split over every device, parameters are placed as training shards them
+        (replicated, or split over ``fsdp``), and both jitted steps keep those shardings. Parameters already
+        on the mesh (a GRPO run's) are not copied through the host. ``slots`` must divide evenly.
     """
 
     def __init__(self, cfg: LlamaConfig, params, *, slots: int, eos_id: int, context: int | None = None,
                  sampling: Sampling = GREEDY, stop_sequences: Sequence[Sequence[int]] = (), prompt_quantum: int = 32,
-                 aid=None):
+                 aid=None, mesh=None):
         self.cfg, self.params, self.sampling = cfg, unstack_layers(params), sampling
         self.slots, self.eos_id = slots, eos_id
         self.context = cfg.max_seq_len if context is None else context
@@ -279,6 +298,20 @@ class Engine:
             lens[m] = len(s)
         self._stop_table, self._stop_lens = jnp.asarray(table), jnp.asarray(lens)
         self.state = init_state(cfg, slots, self.context, width)
+        self.mesh = mesh
+        self._decode_fn, self._admit_fn = _decode, _admit
+        if mesh is not None:
+            from apr_jax.train import sharding as sh
+
+            sh.check_batch_divisible(slots, mesh, "slots")
+            shardings = state_shardings(mesh)
+            self.state = jax.device_put(self.state, shardings)
+            self.params = jax.device_put(self.params, sh.tree_shardings(self.params, mesh))
+            scalar = sh.replicated(mesh)
+            self._decode_fn = jax.jit(_decode_impl, static_argnames=("cfg", "sampling"), donate_argnames=("state",),
+                                      out_shardings=(shardings, scalar))
+            self._admit_fn = jax.jit(_admit_impl, static_argnames=("cfg", "fresh"), donate_argnames=("state",),
+                                     out_shardings=shardings)
         self._rows: list[_Row | None] = [None] * slots
         self._by_key: dict[Hashable, int] = {}
         self._queue: list[_Request] = []
@@ -377,8 +410,8 @@ class Engine:
             arrays["key_R2"][r] = rng
             tail = prompt[-width:]
             arrays["recent_RW"][r, width - len(tail):] = tail
-        self.state = _admit(self.cfg, fresh, self.params, self.state,
-                            **{k: jnp.asarray(v) for k, v in arrays.items()})
+        self.state = self._admit_fn(self.cfg, fresh, self.params, self.state,
+                                    **{k: jnp.asarray(v) for k, v in arrays.items()})
 
     def _admit_pending(self) -> None:
         now = self.now()
@@ -422,7 +455,7 @@ class Engine:
         limit = self.context if max_steps is None else max_steps
         # Aid pauses are served in batches: wait for a quarter of the running slots (or any real stop).
         pause_limit = max(1, self.running // 4)
-        self.state, steps = _decode(self.cfg, self.sampling, self.params, self.state, self._stop_table,
+        self.state, steps = self._decode_fn(self.cfg, self.sampling, self.params, self.state, self._stop_table,
                                     self._stop_lens, jnp.int32(self.eos_id), jnp.int32(limit), self._aid_ids,
                                     jnp.int32(pause_limit))
         self.steps += int(steps)

@@ -161,9 +161,14 @@ def micro_batches(seqs: list[TrainSequence], rows: int, context: int, pad_id: in
 
 # ------------------------------------------------------------------------------------------ the loop
 def rollouts(model_cfg, params, codec: Codec, problems: Sequence[dict], method: str, cfg: GRPOConfig,
-             loop: LoopConfig, step: int, eos_id: int) -> list[dict]:
-    """``group_size`` sampled thread trees per problem (records with token ids and log-probs)."""
-    engine = Engine(model_cfg, params, slots=loop.slots, eos_id=eos_id, context=loop.context,
+             loop: LoopConfig, step: int, eos_id: int, mesh=None) -> list[dict]:
+    """``group_size`` sampled thread trees per problem (records with token ids and log-probs).
+
+    With ``mesh`` (when the slots divide over its devices) the engine's slots are split over the same mesh
+    as the update, and the parameters stay where the update left them (no copy through the host)."""
+    if mesh is not None and loop.slots % sh.batch_axes_size(mesh):
+        mesh = None
+    engine = Engine(model_cfg, params, slots=loop.slots, eos_id=eos_id, context=loop.context, mesh=mesh,
                     sampling=Sampling(temperature=cfg.temperature), stop_sequences=[codec.ids(traces.JOIN_OPEN)],
                     aid=make_aid(loop.aid, codec))
     run = RunConfig(mode=method, seed=cfg.seed * 1_000_003 + step,
@@ -238,7 +243,7 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             batch_problems = step_problems(problems, cfg, step)
-            records = rollouts(model_cfg, params, codec, batch_problems, method, cfg, loop, step, eos)
+            records = rollouts(model_cfg, params, codec, batch_problems, method, cfg, loop, step, eos, mesh)
             t_roll = time.perf_counter() - t0
             rewards = np.array([reward(r["correct"], r["sequential_tokens"], r["children"], cfg) for r in records],
                                np.float32)
