@@ -103,3 +103,28 @@ def test_sharded_training_matches_single_device():
     losses, params, _ = _run(sh.make_mesh((8, 1)), cfg, batches, params=initial)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     jax.tree.map(_close, ref_params, params)
+
+
+@needs_8
+def test_checkpoint_saved_on_8_devices_restores_on_1_and_on_4(tmp_path):
+    from apr_jax.train.checkpoint import RunCheckpointer, abstract_like
+
+    cfg = tiny_sft(batch_size=8, seq_len=128, steps=12, mesh=(1, 1))
+    mesh8 = sh.make_mesh((2, 4))  # parameters and Adam moments split over fsdp=4, rows over 8
+    _, saved, state = _run(mesh8, cfg, _batches(1))
+    ckpt = RunCheckpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, state.params, state.opt_state, {"step": 1})
+    ckpt.close()
+    for devices, shape in ((jax.devices()[:1], (1, 1)), (jax.devices()[:4], (1, 4)), (jax.devices()[:4], (4, 1))):
+        mesh = sh.make_mesh(shape, devices)
+        fns = sft.compile_fns(tiny_model(VOCAB), cfg, cfg.steps, mesh)
+        abstract = abstract_like(jax.device_get(state.params), fns.state_shardings.params)
+        abstract_opt = abstract_like(jax.device_get(state.opt_state), fns.state_shardings.opt_state)
+        step, items = RunCheckpointer(tmp_path / "ckpt", read_only=True).restore(abstract, abstract_opt)
+        assert step == 1
+        wq = items["params"]["layers"]["attn"]["wq"]
+        assert {d.id for d in wq.sharding.device_set} == {d.id for d in devices}
+        assert len(wq.addressable_shards) == len(devices)
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(items["params"]), saved)
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(items["opt_state"]),
+                     jax.device_get(state.opt_state))

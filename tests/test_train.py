@@ -221,6 +221,15 @@ def test_nonfinite_step_is_skipped(data_dir):
     jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state.params))
 
 
+def test_nonfinite_batch_is_kept_for_inspection(tmp_path):
+    batch = {"tokens": np.arange(12, dtype=np.int32).reshape(2, 6), "loss_mask": np.ones((2, 6), bool)}
+    path = sft.save_nonfinite_batch(tmp_path, 7, batch)
+    assert path == tmp_path / "nonfinite" / "step_7.npz"
+    with np.load(path) as saved:
+        assert sorted(saved) == ["loss_mask", "tokens"]
+        np.testing.assert_array_equal(saved["tokens"], batch["tokens"])
+
+
 # ------------------------------------------------------------------------------------ runs and resume
 def _final_params(run_dir):
     return jax.device_get(load_run(run_dir)[1])

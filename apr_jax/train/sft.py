@@ -284,6 +284,14 @@ def _summarise_interval(host: list[dict], steps: list[int]) -> tuple[dict, list[
     return record, [s for s, o in zip(steps, ok) if not o]
 
 
+def save_nonfinite_batch(run_dir: Path, step: int, batch: dict) -> Path:
+    """Keep the batch of a step whose loss or gradient was not finite (``RUN/nonfinite/step_N.npz``)."""
+    path = Path(run_dir) / "nonfinite" / f"step_{step}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{k: np.asarray(v) for k, v in batch.items()})
+    return path
+
+
 def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, method: str, out_dir: str | Path,
           resume: bool = False, *, preset: str | None = None,
           step_callback: Callable[[int], None] | None = None, devices: list | None = None) -> dict:
@@ -336,7 +344,7 @@ def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, meth
     iterator = data_lib.train_iterator(train_src, sft_cfg, meta["pad_id"], record.get("data"))
     writer = MetricsWriter(run_dir)
     bar = tqdm(total=total, initial=step, desc=f"sft[{method}]", unit="step", dynamic_ncols=True)
-    pending: list[tuple[int, dict]] = []
+    pending: list[tuple[int, dict, dict]] = []  # (step, device metrics, host batch) since the last log
     shapes_seen: set[tuple[int, ...]] = set()
     interval_tokens = interval_slots = 0
     t_last, t_start = time.perf_counter(), time.perf_counter()
@@ -370,15 +378,17 @@ def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, meth
                 tokens_seen += real
                 interval_tokens += real
                 interval_slots += batch["tokens"].size
-                pending.append((step, metrics))
+                pending.append((step, metrics, batch))
                 bar.update(1)
                 if step % sft_cfg.log_every == 0 or step == total or stop.signal is not None:
-                    host = jax.device_get([m for _, m in pending])  # the only per-interval sync
+                    host = jax.device_get([m for _, m, _ in pending])  # the only per-interval sync
                     now = time.perf_counter()
-                    values, skipped = _summarise_interval(host, [s for s, _ in pending])
+                    values, skipped = _summarise_interval(host, [s for s, _, _ in pending])
                     if skipped:
                         nonfinite += len(skipped)
-                        log.warning("non-finite loss or gradient at step(s) %s: update not applied", skipped)
+                        files = [save_nonfinite_batch(run_dir, s, b) for s, _, b in pending if s in skipped]
+                        log.warning("non-finite loss or gradient at step(s) %s: update not applied; the "
+                                    "batches are saved as %s", skipped, ", ".join(map(str, files)))
                     values.update(tokens_per_s=interval_tokens / (now - t_last),
                                   padding_efficiency=interval_tokens / max(interval_slots, 1),
                                   tokens_seen=tokens_seen, nonfinite_steps=nonfinite,
