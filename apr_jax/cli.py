@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
+    _add_distributed(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("export", help="write a run's parameters as a Hugging Face Llama directory")
@@ -281,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--ckpt-every", type=int, default=5)
     p.add_argument("--quiet", action="store_true")
+    _add_distributed(p)
     p.set_defaults(fn=cmd_rl)
 
     p = sub.add_parser("view", help="draw one problem's thread tree and slot timeline (HTML or PNG)")
@@ -315,11 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-host (jax.distributed; or APR_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID)")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # JAX's persistent compilation cache: a resumed run or a second process skips recompiling its steps
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "apr_jax" / "jax"))
     try:
+        if args.command in ("train", "rl"):
+            from apr_jax.train import distributed
+
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         return args.fn(args)
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"apr-jax {args.command}: error: {err}", file=sys.stderr)

@@ -284,6 +284,16 @@ def _summarise_interval(host: list[dict], steps: list[int]) -> tuple[dict, list[
     return record, [s for s, o in zip(steps, ok) if not o]
 
 
+class _NullWriter:
+    """The metrics writer of non-primary processes."""
+
+    def write(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def save_nonfinite_batch(run_dir: Path, step: int, batch: dict) -> Path:
     """Keep the batch of a step whose loss or gradient was not finite (``RUN/nonfinite/step_N.npz``)."""
     path = Path(run_dir) / "nonfinite" / f"step_{step}.npz"
@@ -321,11 +331,13 @@ def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, meth
                               "that run, or choose a new output directory")
     if resume and (run_dir / CONFIG_FILE).exists():
         check_resume_config(run_dir, model_cfg, sft_cfg)
+    primary = jax.process_index() == 0  # multi-process jobs: one process writes the run's files
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_config(run_dir, preset=preset, method=method, model_cfg=model_cfg, sft_cfg=sft_cfg,
-                     data_dir=data_dir)
-    if (Path(data_dir) / "tokenizer.json").exists():
-        shutil.copyfile(Path(data_dir) / "tokenizer.json", run_dir / "tokenizer.json")
+    if primary:
+        write_run_config(run_dir, preset=preset, method=method, model_cfg=model_cfg, sft_cfg=sft_cfg,
+                         data_dir=data_dir)
+        if (Path(data_dir) / "tokenizer.json").exists():
+            shutil.copyfile(Path(data_dir) / "tokenizer.json", run_dir / "tokenizer.json")
     warning = data_lib.truncation_report(train_src.lengths, sft_cfg.seq_len)
     if warning:
         log.warning(warning)
@@ -339,11 +351,13 @@ def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, meth
     state, record = _restore_or_init(checkpointer, fns, model_cfg, sft_cfg, resume)
     step, start_step = int(record["step"]), int(record["step"])
     tokens_seen, nonfinite = int(record.get("tokens_seen", 0)), int(record.get("nonfinite", 0))
-    truncate_metrics(run_dir, step)
+    if primary:
+        truncate_metrics(run_dir, step)
 
     iterator = data_lib.train_iterator(train_src, sft_cfg, meta["pad_id"], record.get("data"))
-    writer = MetricsWriter(run_dir)
-    bar = tqdm(total=total, initial=step, desc=f"sft[{method}]", unit="step", dynamic_ncols=True)
+    writer = MetricsWriter(run_dir) if primary else _NullWriter()
+    bar = tqdm(total=total, initial=step, desc=f"sft[{method}]", unit="step", dynamic_ncols=True,
+               disable=not primary)
     pending: list[tuple[int, dict, dict]] = []  # (step, device metrics, host batch) since the last log
     shapes_seen: set[tuple[int, ...]] = set()
     interval_tokens = interval_slots = 0
@@ -386,7 +400,8 @@ def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, meth
                     values, skipped = _summarise_interval(host, [s for s, _, _ in pending])
                     if skipped:
                         nonfinite += len(skipped)
-                        files = [save_nonfinite_batch(run_dir, s, b) for s, _, b in pending if s in skipped]
+                        files = [save_nonfinite_batch(run_dir, s, b) for s, _, b in pending
+                                 if s in skipped and primary]
                         log.warning("non-finite loss or gradient at step(s) %s: update not applied; the "
                                     "batches are saved as %s", skipped, ", ".join(map(str, files)))
                     values.update(tokens_per_s=interval_tokens / (now - t_last),
@@ -416,7 +431,8 @@ def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, meth
         gc.collect()
         checkpointer.close()
         writer.close()
-    plot_losses(run_dir, title=f"SFT {method} ({preset or 'custom'})")
+    if primary:
+        plot_losses(run_dir, title=f"SFT {method} ({preset or 'custom'})")
     return {"run_dir": str(run_dir), "method": method, "steps": total, "start_step": start_step,
             "final_step": step, "interrupted": interrupted, "train_loss": last_train, "val_loss": last_val,
             "tokens_seen": tokens_seen, "nonfinite_steps": nonfinite,

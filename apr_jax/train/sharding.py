@@ -127,9 +127,21 @@ def check_batch_divisible(rows: int, mesh: Mesh, what: str = "batch") -> None:
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Place a host batch on the mesh, rows split over ``(data, fsdp)``. Asynchronous (no host sync)."""
+    """Place a host batch on the mesh, rows split over ``(data, fsdp)``. Asynchronous (no host sync).
+
+    In a multi-process job every process holds the same global batch and contributes only its own
+    contiguous block of rows (the rows of its devices, which ``make_mesh`` orders by process)."""
     sharding = batch_sharding(mesh)
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    processes = jax.process_count()
+    if processes == 1:
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    index, out = jax.process_index(), {}
+    for k, v in batch.items():
+        if v.shape[0] % processes:
+            raise ValueError(f"{k}: {v.shape[0]} rows cannot be split over {processes} processes")
+        rows = v.shape[0] // processes
+        out[k] = jax.make_array_from_process_local_data(sharding, v[index * rows:(index + 1) * rows], v.shape)
+    return out
 
 
 def sharded_initializer(init_fn: Callable[[jax.Array], Any], mesh: Mesh) -> tuple[Callable, Any]:
