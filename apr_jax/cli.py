@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from apr_jax import presets
