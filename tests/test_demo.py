@@ -7,8 +7,8 @@ import pytest
 
 from apr_jax import demo, presets, report
 
-PLAN = demo.Plan("test", None, None, sft_steps=3, sft_batch=8, sft_seq_len=None, eval_problems=3, eval_context=256,
-                 max_total_tokens=1024, sweep_contexts=(128,),
+PLAN = demo.Plan("test", None, None, sft_steps=3, sft_batch=8, sft_seq_len=None, eval_problems=3, eval_context=128,
+                 max_total_tokens=512, sweep_contexts=(64,),
                  sweep_problems=2, sc_samples=2, sc_problems=2, rl_steps=1, rl_problems_per_step=2, rl_group_size=2,
                  slots=8)
 
@@ -19,14 +19,14 @@ def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     logs = []
     path = demo.Demo(preset, PLAN, out, workers=1, progress=False).run(log=logs.append)
     text = path.read_text()
-    for heading in ("## 1. Accuracy (256 tokens per thread)", "## 2. Same context", "## 3. Compute scaling", "## 4. Sequential", "## 5. Effect of RL"):
+    for heading in ("## 1. Accuracy (128 tokens per thread)", "## 2. Same context", "## 3. Compute scaling", "## 4. Sequential", "## 5. Effect of RL"):
         assert heading in text
     assert "not run" not in text
     results = json.loads((out / "results.json").read_text())
     assert set(results["evaluations"]) == {
-        "sosp_sft_plain", "apr_sft_plain", "sosp_sft_aided", "apr_sft_aided", "sosp_sft_aided_ctx128",
-        "apr_sft_aided_ctx128", "sc_sft_aided", "apr_rl_plain", "apr_rl_aided"}
-    assert results["evaluations"]["sosp_sft_aided_ctx128"]["context"] == 128
+        "sosp_sft_plain", "apr_sft_plain", "sosp_sft_aided", "apr_sft_aided", "sosp_sft_aided_ctx64",
+        "apr_sft_aided_ctx64", "sc_sft_aided", "apr_rl_plain", "apr_rl_aided"}
+    assert results["evaluations"]["sosp_sft_aided_ctx64"]["context"] == 64
     assert results["evaluations"]["apr_sft_aided"]["aid"] == "arithmetic"
     assert results["evaluations"]["apr_sft_plain"]["forced_tokens"] == 0
     assert [r["n"] for r in results["sc_curves"]] == [1, 2]
