@@ -91,3 +91,18 @@ def test_step_problems_cover_the_set_before_repeating():
     assert grpo.step_problems(problems, cfg, 1) == grpo.step_problems(problems, cfg, 1)
     groups = grpo.expand_groups(problems[:2], 3)
     assert [g["id"] for g in groups] == ["0#0", "0#1", "0#2", "1#0", "1#1", "1#2"]
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_a_step_on_8_devices_equals_a_step_on_1(sft_run, tmp_path):
+    """Rollouts decode with the slots split over the update's mesh; the update is data-parallel."""
+    loop = dataclasses.replace(LOOP, slots=8)
+    cfg = dataclasses.replace(presets.load("tiny").rl, steps=1, learning_rate=1e-3)
+    one = grpo.train(sft_run, tmp_path / "one", cfg, loop, progress=False, devices=jax.devices()[:1])
+    eight = grpo.train(sft_run, tmp_path / "eight", cfg, loop, progress=False)
+    for key in ("reward", "sequences", "children", "total_tokens"):
+        assert one["last"][key] == eight["last"][key]  # the same rollouts
+    _, p1 = load_run(tmp_path / "one")
+    _, p8 = load_run(tmp_path / "eight")
+    np.testing.assert_allclose(flat(p1), flat(p8), rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(flat(p1), flat(load_run(sft_run)[1]))  # the step did move the parameters
