@@ -246,7 +246,8 @@ class Demo:
             t = time.perf_counter()
             summary = stage.run()
             wall = time.perf_counter() - t
-            spent, spent_est = spent + wall, spent_est + estimates.get(stage.kind, wall)
+            if wall > 0.1 * estimates.get(stage.kind, 0):  # a stage resumed from finished work says nothing
+                spent, spent_est = spent + wall, spent_est + estimates.get(stage.kind, wall)
             self.marker(stage.name).write_text(json.dumps({"wall_s": round(wall, 1), "summary": summary},
                                                           indent=1, default=str) + "\n")
         log(f"demo finished ({time.perf_counter() - t0:.0f} s this run); report: {self.out.resolve() / 'report.md'}")
