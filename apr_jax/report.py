@@ -63,6 +63,20 @@ def sc_curves(results: Sequence[dict]) -> list[dict]:
     return rows
 
 
+def run_seconds(run_dir: Path) -> float:
+    """Wall time a training run spent in its steps, from its metrics (also when it ran outside the demo)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return 0.0
+    total, prev = 0.0, 0
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("split") == "train" and "step_time_s" in row:
+            total += row["step_time_s"] * (row["step"] - prev)
+            prev = row["step"]
+    return total
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -180,6 +194,9 @@ def write_report(demo) -> Path:
     get = summaries.get
     walls = {st.name: demo.done(st.name)["wall_s"] for st in demo.stages() if demo.done(st.name) is not None}
     data = demo.done("data") or {}
+    manifest = demo.data_dir / "manifest.json"
+    if manifest.exists():  # the data may have been made before this demo run (its own timing)
+        walls["data"] = max(walls.get("data", 0.0), json.loads(manifest.read_text())["timing"]["total_s"])
     sft = {m: (demo.done(f"sft_{m}") or {}).get("summary", {}) for m in ("sosp", "apr")}
     sc = sc_curves(read_results(demo.eval_file("sc_sft_aided")))
     model = demo.preset.model
@@ -202,9 +219,11 @@ def write_report(demo) -> Path:
     for m, label in (("sosp", "SoS+"), ("apr", "APR")):
         s = sft[m]
         if s:
+            walls[f"sft_{m}"] = max(walls.get(f"sft_{m}", 0.0), run_seconds(demo.sft_dir(m)))
+            train = "n/a" if s.get("train_loss") is None else f"{s['train_loss']:.3f}"
+            val = "n/a" if s.get("val_loss") is None else f"{s['val_loss']:.3f}"
             lines.append(f"- SFT {label}: {s['final_step']} steps of {plan.sft_batch}, {s['tokens_seen']:,} tokens, "
-                         f"train loss {s['train_loss']:.3f}, validation loss {s['val_loss']:.3f}, "
-                         f"{walls.get(f'sft_{m}', 0) / 60:.0f} min")
+                         f"train loss {train}, validation loss {val}, {walls[f'sft_{m}'] / 60:.0f} min")
     lines += ["", f"## 1. Accuracy ({plan.eval_context or model.max_seq_len} tokens per thread)", "",
               "| run | accuracy | total tokens | sequential tokens | children | wall s/problem (batched) |",
               "|---|---|---|---|---|---|"]
