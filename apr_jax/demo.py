@@ -69,8 +69,8 @@ class Plan:
 # Sized on a 2-core CPU (docs/experiments.md): an SFT step of 4 mini-preset sequences takes about 6-10 s,
 # and a weak model's threads run to their context, so evaluation costs are set by contexts and problem counts.
 FULL = Plan("full", None, None, sft_steps=200, sft_batch=4, sft_seq_len=None, eval_problems=32, eval_context=2048,
-            max_total_tokens=8192, sweep_contexts=(512, 1024), sweep_problems=32, sc_samples=4, sc_problems=12,
-            rl_steps=3, rl_problems_per_step=4, rl_group_size=4,
+            max_total_tokens=8192, sweep_contexts=(512, 1024), sweep_problems=16, sc_samples=4, sc_problems=8,
+            rl_steps=2, rl_problems_per_step=4, rl_group_size=4,
             estimates_s=(("data", 60), ("sft", 1800), ("eval", 240), ("sweep", 90), ("sc", 420), ("rl", 900),
                          ("report", 10)))
 QUICK = Plan("quick", 2_000, 100, sft_steps=24, sft_batch=4, sft_seq_len=1024, eval_problems=8, eval_context=512,
