@@ -43,6 +43,8 @@ def test_resulting_numbers_use_the_latest_state_and_need_its_numbers(codec):
     assert forced_text(codec, later + traces.EXPLORING + "59-50=9" + traces.RESULTING) == "[5, 9]"
     assert forced_text(codec, later + traces.EXPLORING + "94-35=59" + traces.RESULTING) == ""  # 94 is gone
     assert forced_text(codec, traces.EXPLORING + "59-50=9" + traces.RESULTING) == ""  # no state line
+    garbled = "Current State: 69:[5, , 50], Operations: []\n"
+    assert forced_text(codec, garbled + traces.EXPLORING + "50-5=45" + traces.RESULTING) == ""
 
 
 def test_apply_op_and_make_aid():

@@ -87,7 +87,9 @@ class ArithmeticAid:
             state, line = _STATE.match(text), _EXPLORING_TAIL.search(text)
             if not state or not line or text.count("\n") < 1:
                 return []
-            nums = [int(x) for x in state.group(1).split(", ")] if state.group(1) else []
+            nums = [int(x) for x in re.findall(r"\d+", state.group(1))]
+            if traces.fmt_nums(nums) != f"[{state.group(1)}]":
+                return []  # a state line the model garbled ('[3, , 5]'): no list to derive from
             for x in (int(line.group(1)), int(line.group(3))):
                 if x not in nums:
                     return []
