@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import heapq
 import itertools
+import logging
 import time
 from typing import Hashable, Sequence
 
@@ -35,6 +36,8 @@ from apr_jax.inference.sampling import GREEDY, Sampling, sample
 from apr_jax.model import forward, init_cache, unstack_layers
 from apr_jax.model.config import LlamaConfig
 from apr_jax.model.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
 
 STOP_NONE, STOP_EOS, STOP_SEQUENCE, STOP_LENGTH, STOP_AID = 0, 1, 2, 3, 4
 STOP_NAMES = {STOP_EOS: "eos", STOP_SEQUENCE: "stop_sequence", STOP_LENGTH: "length", STOP_AID: "aid"}
@@ -486,7 +489,11 @@ class Engine:
     def _aid_resume(self, slot: int, row: _Row) -> str | None:
         """After an aid trigger: append the forced tokens and queue the row to decode on (returns None), or
         return ``"length"`` when the forced tokens leave no room to decode."""
-        forced = [int(t) for t in self.aid.force(row.ids)]
+        try:
+            forced = [int(t) for t in self.aid.force(row.ids)]
+        except Exception as err:  # an aid must never stop a run: the thread goes on unaided
+            log.warning("decoding aid failed on thread %r (%s: %s); nothing forced", row.key, type(err).__name__, err)
+            forced = []
         if len(row.gen) + len(forced) >= row.max_new or len(row.ids) + len(forced) >= self.context:
             return "length"
         row.resume_keep = len(row.ids) - 1  # the cache holds every id but the pending trigger
