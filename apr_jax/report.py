@@ -7,13 +7,12 @@ axes allow. Ours come from a CPU-sized preset, so they show direction, not the p
 
 from __future__ import annotations
 
-import collections
 import json
 import shutil
 from pathlib import Path
 from typing import Sequence
 
-from apr_jax.countdown import traces
+from apr_jax.inference.runtime import majority_vote
 
 #: The paper's headline figures (Pan et al. 2025, Sec. 5).
 PAPER = {
@@ -50,11 +49,9 @@ def sc_curves(results: Sequence[dict]) -> list[dict]:
         for r in results:
             samples = r["samples"][:n]
             passed += any(s["correct"] for s in samples)
-            answered = [(traces.path_operations(s["answer"]), s) for s in samples if s["answer"] is not None]
-            if answered:
-                counts = collections.Counter(ops for ops, _ in answered)
-                best = max(counts.values())
-                consensus += next(s for ops, s in answered if counts[ops] == best)["correct"]
+            win = majority_vote([s["answer"] for s in samples])
+            if win is not None:
+                consensus += samples[win]["correct"]
             by_path = {t["path"]: t for t in r["threads"]}
             tokens += sum(by_path[f"s{i}"]["new_prompt_tokens"] + by_path[f"s{i}"]["tokens"]
                           for i in range(n) if f"s{i}" in by_path)

@@ -177,7 +177,7 @@ _decode = jax.jit(_decode_impl, static_argnames=("cfg", "sampling"), donate_argn
 _admit = jax.jit(_admit_impl, static_argnames=("cfg", "fresh"), donate_argnames=("state",))
 
 
-def state_shardings(mesh, cache_dims: int = 5):
+def state_shardings(mesh):
     """Shardings of a :class:`SlotState` on ``mesh``: the slot (row) axis over every device (``data`` x
     ``fsdp``), everything else replicated; the cache ``[L, B, K, S, H]`` split on its row axis."""
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -188,6 +188,19 @@ def state_shardings(mesh, cache_dims: int = 5):
     cache_rows = NamedSharding(mesh, P(None, rows.spec[0]))
     return SlotState(cache=KVCache(k=cache_rows, v=cache_rows, lengths=rows), token=rows, active=rows, count=rows,
                      limit=rows, key=rows, stop=rows, recent=rows, out=rows, logp=rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh_steps(mesh):
+    """The two jitted steps with the slot shardings of ``mesh`` fixed on their outputs; built once per mesh, so
+    engines made afresh (one per GRPO step) reuse the compiled programs."""
+    from apr_jax.train import sharding as sh
+
+    shardings = state_shardings(mesh)
+    decode = jax.jit(_decode_impl, static_argnames=("cfg", "sampling"), donate_argnames=("state",),
+                     out_shardings=(shardings, sh.replicated(mesh)))
+    admit = jax.jit(_admit_impl, static_argnames=("cfg", "fresh"), donate_argnames=("state",), out_shardings=shardings)
+    return decode, admit
 
 
 def _pow2(n: int, floor: int = 1) -> int:
@@ -310,11 +323,7 @@ class Engine:
             shardings = state_shardings(mesh)
             self.state = jax.device_put(self.state, shardings)
             self.params = jax.device_put(self.params, sh.tree_shardings(self.params, mesh))
-            scalar = sh.replicated(mesh)
-            self._decode_fn = jax.jit(_decode_impl, static_argnames=("cfg", "sampling"), donate_argnames=("state",),
-                                      out_shardings=(shardings, scalar))
-            self._admit_fn = jax.jit(_admit_impl, static_argnames=("cfg", "fresh"), donate_argnames=("state",),
-                                     out_shardings=shardings)
+            self._decode_fn, self._admit_fn = _mesh_steps(mesh)
         self._rows: list[_Row | None] = [None] * slots
         self._by_key: dict[Hashable, int] = {}
         self._queue: list[_Request] = []

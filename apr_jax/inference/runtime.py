@@ -366,14 +366,13 @@ class Runtime:
         if all(s["answer"] is None for s in samples):
             out["reason"] = "no sample wrote a solution path"
             return
-        ops = [traces.path_operations(s["answer"]) for s in samples]
-        counts = collections.Counter(o for o, s in zip(ops, samples) if s["answer"] is not None)
-        best = max(counts.values())
-        winner, winner_ops = next((s, o) for o, s in zip(ops, samples)  # ties: the earliest sample
-                                  if s["answer"] is not None and counts[o] == best)
+        win = majority_vote([s["answer"] for s in samples])
+        winner = samples[win]
         out["answer"], out["correct"] = winner["answer"], winner["correct"]
         out["reason"] = "ok" if winner["correct"] else "the majority answer does not verify"
-        for o, s, t in zip(ops, samples, prob.threads):
+        winner_ops = traces.path_operations(winner["answer"])
+        for s, t in zip(samples, prob.threads):
+            o = traces.path_operations(s["answer"])
             t["on_answer_path"] = s["answer"] is not None and o == winner_ops
 
     # ------------------------------------------------------------------------------------ driver
@@ -412,6 +411,17 @@ class Runtime:
                 if prob.done and prob.open_threads == 0:
                     collect(prob)
         return results
+
+
+def majority_vote(answers: Sequence[str | None]) -> int | None:
+    """Index of the self-consistency winner: the most frequent answer by its sequence of operations (ties:
+    the earliest sample); None when no sample answered. pass@n/cons@n reports vote with this function too."""
+    ops = [None if a is None else traces.path_operations(a) for a in answers]
+    counts = collections.Counter(o for o in ops if o is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(i for i, o in enumerate(ops) if o is not None and counts[o] == best)
 
 
 def summarize(results: Iterable[dict]) -> dict:
