@@ -27,9 +27,6 @@ from apr_jax.countdown import traces
 AIDS = ("none", "arithmetic")
 
 _OP_TAIL = re.compile(r"(\d+)([+\-*/])(\d+)=$")
-_EXPLORING_TAIL = re.compile(re.escape(traces.EXPLORING) + r"(\d+)([+\-*/])(\d+)=(\d+)" + re.escape(traces.RESULTING)
-                             + "$")
-_STATE = re.compile(re.escape(traces.CURRENT_STATE) + r"\d+:\[([\d, ]*)\]")
 
 
 def apply_op(a: int, op: str, b: int) -> int | None:
@@ -83,18 +80,23 @@ class ArithmeticAid:
             c = apply_op(int(m.group(1)), m.group(2), int(m.group(3)))
             return [] if c is None else self.codec.ids(str(c))
         if ids[-1] == self._res:
-            text = self._tail(ids, self._state, 4096)
-            state, line = _STATE.match(text), _EXPLORING_TAIL.search(text)
-            if not state or not line or text.count("\n") < 1:
+            lines = self._tail(ids, self._state, 4096).split("\n")
+            last = lines[-1]
+            if len(lines) < 2 or not last.startswith(traces.EXPLORING) or not last.endswith(traces.RESULTING):
                 return []
-            nums = [int(x) for x in re.findall(r"\d+", state.group(1))]
-            if traces.fmt_nums(nums) != f"[{state.group(1)}]":
-                return []  # a state line the model garbled ('[3, , 5]'): no list to derive from
-            for x in (int(line.group(1)), int(line.group(3))):
+            try:  # the trace module's own parsers: a garbled state or operation gets nothing
+                state = traces.parse_line(lines[0])
+                a, _, b, c = traces.parse_operation(last[len(traces.EXPLORING):-len(traces.RESULTING)])
+            except traces.TraceFormatError:
+                return []
+            if state.kind != "state":
+                return []
+            nums = list(state.fields[1])
+            for x in (a, b):
                 if x not in nums:
                     return []
                 nums.remove(x)
-            return self.codec.ids(traces.fmt_nums(nums + [int(line.group(4))]))
+            return self.codec.ids(traces.fmt_nums(nums + [c]))
         return []
 
 
