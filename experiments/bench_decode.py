@@ -15,10 +15,12 @@ What is measured, each in its own subprocess (clean thread pools and peak memory
   ``transformers.LlamaForCausalLM``; ``generate(do_sample=False, min_new_tokens=max_new_tokens=N)`` on the
   left-padded batch with its default dynamic KV cache, ``torch.set_num_threads(cpu_count)``, after one
   warm-up call.
+* ``engine_xla_attention`` (ablation, unless ``--no-ablation``): the engine with ``APR_JAX_DECODE_KERNEL=0``,
+  i.e. XLA's attention instead of the fused CPU decode kernel (:mod:`apr_jax.model.cpu_kernels`).
 * ``batching``: engine wall time for 10 threads of ``--new-tokens`` decoded together vs 1 alone (the cost of
   a spawn's children relative to one child).
 
-Prompts are real APR child prompts (``Moving to Node #0,k`` + ``Current State ...``) of random problems.
+Each measurement is the median of ``--repeats`` timed runs (default 3). Prompts are real APR child prompts (``Moving to Node #0,k`` + ``Current State ...``) of random problems.
 Both decoders must produce the same greedy tokens; the script checks that on every thread.
 """
 
@@ -68,7 +70,7 @@ def load_model(args):
         from apr_jax.inference.evaluate import load_run_model
         return load_run_model(args.ckpt)
     preset = presets.load(args.model)
-    tok = tokenization.build_tokenizer(preset.data.number_mode)
+    tok = tokenization.build_tokenizer(preset.data.number_mode, preset.data.max_int_digits)
     cfg = dataclasses.replace(preset.model)
     return cfg, init(cfg, jax.random.PRNGKey(0)), tok
 
@@ -101,12 +103,24 @@ def run_engine(args, threads: int) -> dict:
         jax.block_until_ready(engine.state.cache.k)
         return time.perf_counter() - t0, done
 
+    from apr_jax.model import cpu_kernels
+
     once(args.new_tokens)  # compile every shape of the measured run
-    wall, done = once(args.new_tokens)
+    walls = []
+    for _ in range(args.repeats):
+        wall, done = once(args.new_tokens)
+        walls.append(wall)
     tokens = [done[i] for i in range(threads)]
     assert all(len(t) == args.new_tokens for t in tokens)
-    return {"wall_s": wall, "tokens_per_s": threads * args.new_tokens / wall, "tokens": tokens,
+    return {**_timing(walls, threads * args.new_tokens), "tokens": tokens,
+            "decode_kernel": bool(cpu_kernels.available() and jax.default_backend() == "cpu"),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _timing(walls: list[float], tokens: int) -> dict:
+    """The median of the timed runs (and every run), so one disturbed run on a shared machine moves nothing."""
+    wall = sorted(walls)[len(walls) // 2]
+    return {"wall_s": wall, "tokens_per_s": tokens / wall, "walls_s": walls}
 
 
 def run_hf(args, threads: int) -> dict:
@@ -135,25 +149,29 @@ def run_hf(args, threads: int) -> dict:
                                   min_new_tokens=new_tokens, pad_token_id=pad, eos_token_id=None, use_cache=True)
 
     once(8)
-    t0 = time.perf_counter()
-    out = once(args.new_tokens)
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "tokens_per_s": threads * args.new_tokens / wall,
-            "tokens": out[:, width:].tolist(),
+    walls = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        out = once(args.new_tokens)
+        walls.append(time.perf_counter() - t0)
+    return {**_timing(walls, threads * args.new_tokens), "tokens": out[:, width:].tolist(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def worker(args) -> None:
-    fn = {"engine": run_engine, "hf": run_hf}[args.worker]
+    fn = {"engine": run_engine, "engine_xla": run_engine, "hf": run_hf}[args.worker]
     print(json.dumps(fn(args, args.worker_threads)))
 
 
 def spawn(args, kind: str, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--worker-threads", str(threads),
-           "--new-tokens", str(args.new_tokens), "--model", args.model]
+           "--new-tokens", str(args.new_tokens), "--model", args.model, "--repeats", str(args.repeats)]
     if args.ckpt:
         cmd += ["--ckpt", args.ckpt]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ)
+    if kind == "engine_xla":  # the engine with XLA's attention instead of the fused CPU decode kernel
+        env["APR_JAX_DECODE_KERNEL"] = "0"
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if res.returncode:
         raise RuntimeError(f"{kind} worker failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -165,6 +183,9 @@ def main() -> None:
     p.add_argument("--ckpt", help="a training run folder instead (its newest checkpoint)")
     p.add_argument("--threads", default="16,64", help="concurrent threads, comma-separated")
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is reported)")
+    p.add_argument("--no-ablation", action="store_true",
+                   help="skip the engine run without the fused CPU decode kernel")
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)
@@ -176,17 +197,26 @@ def main() -> None:
     report = {"model": args.ckpt or args.model, "new_tokens": args.new_tokens, "cpus": os.cpu_count(), "runs": []}
     for threads in [int(t) for t in args.threads.split(",")]:
         ours, hf = spawn(args, "engine", threads), spawn(args, "hf", threads)
-        same = sum(a == b for a, b in zip(ours.pop("tokens"), hf.pop("tokens")))
+        hf_tokens = hf.pop("tokens")
+        same = sum(a == b for a, b in zip(ours.pop("tokens"), hf_tokens))
         row = {"threads": threads, "engine": ours, "hf": hf, "speedup": ours["tokens_per_s"] / hf["tokens_per_s"],
                "threads_with_identical_tokens": same}
+        line = (f"{threads:3d} threads x {args.new_tokens} tokens: engine {ours['tokens_per_s']:7.0f} tok/s "
+                f"({ours['wall_s']:.2f} s, {ours['peak_rss_mib']:.0f} MiB) | transformers {hf['tokens_per_s']:7.0f} "
+                f"tok/s ({hf['wall_s']:.2f} s, {hf['peak_rss_mib']:.0f} MiB) | {row['speedup']:.2f}x | "
+                f"identical greedy tokens in {same}/{threads} threads")
+        if not args.no_ablation:
+            xla = spawn(args, "engine_xla", threads)
+            same_xla = sum(a == b for a, b in zip(xla.pop("tokens"), hf_tokens))
+            row["engine_xla_attention"] = {**xla, "threads_with_identical_tokens": same_xla}
+            line += f" | without the decode kernel {xla['tokens_per_s']:.0f} tok/s"
         report["runs"].append(row)
-        print(f"{threads:3d} threads x {args.new_tokens} tokens: engine {ours['tokens_per_s']:7.0f} tok/s "
-              f"({ours['wall_s']:.2f} s, {ours['peak_rss_mib']:.0f} MiB) | transformers {hf['tokens_per_s']:7.0f} "
-              f"tok/s ({hf['wall_s']:.2f} s, {hf['peak_rss_mib']:.0f} MiB) | {row['speedup']:.2f}x | "
-              f"identical greedy tokens in {same}/{threads} threads", flush=True)
+        print(line, flush=True)
     one, ten = spawn(args, "engine", 1), spawn(args, "engine", 10)
+    one.pop("tokens"), ten.pop("tokens")
     report["batching"] = {"one_child_s": one["wall_s"], "ten_children_s": ten["wall_s"],
-                          "ratio": ten["wall_s"] / one["wall_s"]}
+                          "ratio": ten["wall_s"] / one["wall_s"], "one_child_walls_s": one["walls_s"],
+                          "ten_children_walls_s": ten["walls_s"]}
     print(f"batching: 10 children x {args.new_tokens} tokens in {ten['wall_s']:.2f} s vs 1 child in "
           f"{one['wall_s']:.2f} s: {report['batching']['ratio']:.2f}x")
     if args.out:

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from apr_jax.model import cpu_kernels
 from apr_jax.model.config import LlamaConfig
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -227,6 +228,26 @@ def cached_attention(cfg: LlamaConfig, q_BTNH, k_LBKSH, v_LBKSH, layer, spec: Ma
     hold, not what the cache could hold. Queries go in blocks of ``cfg.attention_block`` (``lax.map``).
     Not reverse-differentiable (the trip count is dynamic); training uses :func:`attention`.
     """
+    b, t, n, h = q_BTNH.shape
+    s = k_LBKSH.shape[3]
+    if t == 1 and q_BTNH.dtype == k_LBKSH.dtype == v_LBKSH.dtype == jnp.float32 and cpu_kernels.available():
+        # One new query per row (a decode step): on CPU, the fused kernel (one sweep per row and kv head)
+        # instead of rows x heads tiny dots; other platforms keep the XLA path below. A cache never packs
+        # segments, so visibility is the causal/valid limit alone.
+        limit_B = jnp.clip(jnp.minimum(spec.q_slot_BT[:, 0] + 1, spec.k_limit_B), 0, s)
+
+        def fused(q_BTNH, k_LBKSH, v_LBKSH, layer, limit_B):
+            return cpu_kernels.decode_attention(q_BTNH[:, 0], k_LBKSH, v_LBKSH, layer, limit_B, h**-0.5)[:, None]
+
+        def portable(q_BTNH, k_LBKSH, v_LBKSH, layer, limit_B):
+            return _cached_attention_xla(cfg, q_BTNH, k_LBKSH, v_LBKSH, layer, spec)
+
+        return jax.lax.platform_dependent(q_BTNH, k_LBKSH, v_LBKSH, layer, limit_B, cpu=fused, default=portable)
+    return _cached_attention_xla(cfg, q_BTNH, k_LBKSH, v_LBKSH, layer, spec)
+
+
+def _cached_attention_xla(cfg: LlamaConfig, q_BTNH, k_LBKSH, v_LBKSH, layer, spec: MaskSpec) -> jax.Array:
+    """:func:`cached_attention` in XLA ops: blocked online softmax over the valid key blocks."""
     b, t, n, h = q_BTNH.shape
     s = k_LBKSH.shape[3]
     kh, g = cfg.num_kv_heads, cfg.num_groups

@@ -1,0 +1,146 @@
+// Fused single-query attention over a stacked KV cache, for decoding on CPU (an XLA FFI custom call).
+//
+// One call handles every row and head of one layer: row b's query heads n = kh * G + g attend to the first
+// limit[b] key slots of kv head kh, read in place from the stacked cache [L, B, K, S, H] at layer
+// layer[0]. Exact softmax in fp32 (two passes over the row's scores); a row with limit 0 gets zeros.
+// XLA:CPU runs the same computation as rows x heads tiny batched dots with a fixed cost per dot, which
+// is what makes many-row decoding slow there (docs/inference.md); here each (row, kv head) is one
+// contiguous sweep over its keys and values. Rows are split over XLA's intra-op thread pool.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Below this many multiply-adds per call, handing work to other threads costs more than it saves.
+constexpr int64_t kParallelWork = 1 << 16;
+
+// HD > 0: the head dimension as a compile-time constant (unrolled, vectorised dots); HD == 0: any head_dim.
+template <int64_t HD>
+void AttendRow(const float* __restrict q, const float* __restrict k, const float* __restrict v,
+               float* __restrict out, int64_t limit, int64_t groups, int64_t head_dim_arg, float scale,
+               std::vector<float>& scores) {
+  // q, out: [G, H] of this (row, kv head); k, v: [S, H] of this (layer, row, kv head).
+  const int64_t head_dim = HD > 0 ? HD : head_dim_arg;
+  if (limit <= 0) {
+    std::fill(out, out + groups * head_dim, 0.0f);
+    return;
+  }
+  scores.resize(static_cast<size_t>(groups * limit));
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* __restrict qg = q + g * head_dim;
+    float* __restrict sg = scores.data() + g * limit;
+    for (int64_t s = 0; s < limit; ++s) {
+      const float* __restrict ks = k + s * head_dim;
+      float dot = 0.0f;
+      for (int64_t h = 0; h < head_dim; ++h) dot += qg[h] * ks[h];
+      sg[s] = dot * scale;
+    }
+    float max_score = sg[0];
+    for (int64_t s = 1; s < limit; ++s) max_score = std::max(max_score, sg[s]);
+    float total = 0.0f;
+    for (int64_t s = 0; s < limit; ++s) {
+      sg[s] = std::exp(sg[s] - max_score);
+      total += sg[s];
+    }
+    float acc[HD > 0 ? HD : 1];
+    float* __restrict og = HD > 0 ? acc : out + g * head_dim;
+    std::fill(og, og + head_dim, 0.0f);
+    for (int64_t s = 0; s < limit; ++s) {
+      const float* __restrict vs = v + s * head_dim;
+      const float p = sg[s];
+      for (int64_t h = 0; h < head_dim; ++h) og[h] += p * vs[h];
+    }
+    const float inv = 1.0f / total;
+    float* __restrict dst = out + g * head_dim;
+    for (int64_t h = 0; h < head_dim; ++h) dst[h] = og[h] * inv;
+  }
+}
+
+using AttendFn = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, float,
+                          std::vector<float>&);
+
+AttendFn SelectAttend(int64_t head_dim) {
+  switch (head_dim) {
+    case 32: return AttendRow<32>;
+    case 64: return AttendRow<64>;
+    case 128: return AttendRow<128>;
+    default: return AttendRow<0>;
+  }
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer,
+                               ffi::Buffer<ffi::S32> limit, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  auto qd = q.dimensions();  // [B, N, H]
+  auto kd = k.dimensions();  // [L, B, K, S, H]
+  if (qd.size() != 3 || kd.size() != 5) {
+    return ffi::Error::InvalidArgument("decode_attention: q must be [B, N, H] and the cache [L, B, K, S, H]");
+  }
+  const int64_t rows = qd[0], heads = qd[1], head_dim = qd[2];
+  const int64_t layers = kd[0], kv_heads = kd[2], slots = kd[3];
+  if (kd[1] != rows || kd[4] != head_dim || heads % kv_heads != 0 || limit.element_count() != rows) {
+    return ffi::Error::InvalidArgument("decode_attention: shapes of q, cache and limits do not agree");
+  }
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= layers) return ffi::Error::InvalidArgument("decode_attention: layer out of range");
+  const int64_t groups = heads / kv_heads;
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  const int32_t* lim = limit.typed_data();
+  float* op = out->typed_data();
+  const int64_t units = rows * kv_heads;
+  const AttendFn attend = SelectAttend(head_dim);
+
+  // Work sharing over (row, kv head) units: the calling thread and up to num_threads pool tasks take units
+  // from one counter; the caller then waits only for units already taken (their takers are running), so a
+  // task the pool starts late finds nothing left and touches only the shared counters it co-owns.
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  auto work = [=](Shared& st) {
+    std::vector<float> scores;
+    for (int64_t u = st.next.fetch_add(1); u < units; u = st.next.fetch_add(1)) {
+      const int64_t b = u / kv_heads, kh = u % kv_heads;
+      const int64_t n = std::min<int64_t>(std::max<int32_t>(lim[b], 0), slots);
+      const int64_t cache_off = ((l * rows + b) * kv_heads + kh) * slots * head_dim;
+      const int64_t q_off = (b * heads + kh * groups) * head_dim;
+      attend(qp + q_off, kp + cache_off, vp + cache_off, op + q_off, n, groups, head_dim, scale, scores);
+      st.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  int64_t keys = 0;
+  for (int64_t b = 0; b < rows; ++b) keys += std::min<int64_t>(std::max<int32_t>(lim[b], 0), slots);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, units - 1);
+  if (keys * kv_heads * head_dim * groups >= kParallelWork) {
+    for (int64_t w = 0; w < helpers; ++w) pool.Schedule([shared, work] { work(*shared); });
+  }
+  work(*shared);
+  while (shared->done.load(std::memory_order_acquire) < units) {
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AprDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));

@@ -1,0 +1,93 @@
+"""The fused CPU decode-attention kernel (an XLA FFI custom call) against the XLA path it replaces."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apr_jax.model import attention, cpu_kernels
+from apr_jax.model import config as model_config
+from apr_jax.model.attention import MaskSpec
+
+needs_kernel = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler on this machine")
+
+
+def _case(num_heads, num_kv_heads, head_dim, lengths, slots=96, layers=3, seed=0):
+    cfg = model_config.tiny(64, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    rng = np.random.default_rng(seed)
+    b = len(lengths)
+    k = jnp.asarray(rng.normal(size=(layers, b, num_kv_heads, slots, head_dim)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(layers, b, num_kv_heads, slots, head_dim)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(b, 1, num_heads, head_dim)), jnp.float32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    # the new token sits at slot lengths-1 (already written), as in a decode step
+    spec = MaskSpec(lengths[:, None] - 1, jnp.zeros((b, 1), jnp.int32), jnp.zeros((b, slots), jnp.int32), lengths)
+    return cfg, q, k, v, spec
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads", [(4, 4, 16), (4, 2, 16), (2, 1, 32), (2, 2, 24)])  # MHA, GQA, MQA, odd H
+def test_kernel_matches_xla_attention(heads):
+    assert cpu_kernels.available()
+    cfg, q, k, v, spec = _case(*heads, lengths=[0, 1, 7, 95, 96])
+    for layer in (0, 2):
+        fused = jax.jit(lambda q, k, v, l: attention.cached_attention(cfg, q, k, v, l, spec))(q, k, v, layer)
+        xla = jax.jit(lambda q, k, v, l: attention._cached_attention_xla(cfg, q, k, v, l, spec))(q, k, v, layer)
+        np.testing.assert_allclose(fused, xla, atol=2e-6)
+        assert not np.any(np.asarray(fused[0]))  # a row that sees no key gets zeros
+
+
+@needs_kernel
+def test_kernel_reads_only_the_visible_keys():
+    cfg, q, k, v, spec = _case(4, 2, 16, lengths=[5, 40])
+    out = attention.cached_attention(cfg, q, k, v, 1, spec)
+    garbage = k.at[:, 0, :, 5:].set(1e4).at[:, 1, :, 40:].set(-1e4)  # past each row's limit
+    np.testing.assert_array_equal(out, attention.cached_attention(cfg, q, garbage, v.at[:, :, :, 40:].set(7.0), 1, spec))
+    other_layer = k.at[0].set(0.0).at[2].set(0.0)
+    np.testing.assert_array_equal(out, attention.cached_attention(cfg, q, other_layer, v, 1, spec))
+
+
+@needs_kernel
+def test_decode_step_uses_the_kernel_on_cpu():
+    cfg, q, k, v, spec = _case(4, 2, 16, lengths=[3])
+    hlo = jax.jit(lambda q, k, v: attention.cached_attention(cfg, q, k, v, 0, spec)).lower(q, k, v).as_text()
+    assert cpu_kernels.TARGET in hlo
+    # a multi-token extension (prefill) keeps the XLA path
+    q2 = jnp.concatenate([q, q], axis=1)
+    spec2 = spec._replace(q_slot_BT=jnp.array([[1, 2]]), q_seg_BT=jnp.zeros((1, 2), jnp.int32))
+    hlo2 = jax.jit(lambda q, k, v: attention.cached_attention(cfg, q, k, v, 0, spec2)).lower(q2, k, v).as_text()
+    assert cpu_kernels.TARGET not in hlo2
+
+
+def test_failed_build_falls_back_to_xla(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("APR_JAX_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "/bin/false")
+    cpu_kernels.available.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="apr_jax.model.cpu_kernels"):
+            assert not cpu_kernels.available()
+        assert "using XLA attention" in caplog.text
+        assert not list(tmp_path.glob("*.so"))  # no half-written library left behind
+        cfg, q, k, v, spec = _case(4, 2, 16, lengths=[3, 9])
+        hlo = jax.jit(lambda q, k, v: attention.cached_attention(cfg, q, k, v, 0, spec)).lower(q, k, v).as_text()
+        assert cpu_kernels.TARGET not in hlo
+    finally:
+        cpu_kernels.available.cache_clear()
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("APR_JAX_DECODE_KERNEL", "0")
+    cpu_kernels.available.cache_clear()
+    try:
+        assert not cpu_kernels.available()
+    finally:
+        cpu_kernels.available.cache_clear()
+
+
+def test_kernel_rejects_other_dtypes():
+    q = jnp.zeros((1, 2, 16), jnp.bfloat16)
+    cache = jnp.zeros((1, 1, 2, 8, 16), jnp.float32)
+    with pytest.raises(TypeError, match="float32"):
+        cpu_kernels.decode_attention(q, cache, cache, 0, jnp.ones((1,), jnp.int32), 0.25)
