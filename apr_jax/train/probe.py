@@ -1,0 +1,106 @@
+"""Teacher-forced probe of what a checkpoint has learned, by kind of trace token (experiments/probe_skills.py).
+
+Greedy accuracy stays 0 until a model has learned everything a search needs; this shows the parts on the way:
+operand choice and copying, arithmetic, the copied lists and lines, retrieval of earlier nodes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from apr_jax.countdown import traces
+
+KINDS = ("operands", "operand_in_state", "operator", "result", "resulting", "generated", "state", "other")
+
+
+def token_kinds(pieces: list[str]) -> tuple[list[str], list[set | None]]:
+    """Kind of each token of a trace given as its token strings, and the current state's numbers for each.
+
+    ``pieces`` concatenate to the text (the domain tokenizer's tokens are literal phrases and numbers).
+    """
+    text = "".join(pieces)
+    spans: list[tuple[int, int, str]] = []  # (start, end, kind) character spans, in order
+    state: set | None = None
+    states: list[tuple[int, set | None]] = []  # (line start, current state's numbers) per line
+    pos = 0
+    for line in text.split("\n"):
+        start, pos = pos, pos + len(line) + 1
+        try:
+            parsed = traces.parse_line(line)
+        except traces.TraceFormatError:
+            parsed = None
+        kind = parsed.kind if parsed else None
+        if kind == "state":
+            state = set(parsed.fields[1])
+            spans.append((start + len(traces.CURRENT_STATE), start + len(line), "state"))
+        elif kind == "exploring":
+            op = parsed.fields[0]
+            body = start + len(traces.EXPLORING)
+            eq = body + op.index("=")
+            spans += [(body, eq, "operands"), (eq + 1, body + len(op), "result"),
+                      (body + len(op) + len(traces.RESULTING), start + len(line), "resulting")]
+        elif kind == "generated":
+            spans.append((start + len(traces.GENERATED), start + len(line), "generated"))
+        states.append((start, state))
+    kinds, token_states = [], []
+    offset, s, line_i = 0, 0, 0
+    for piece in pieces:
+        while s < len(spans) and spans[s][1] <= offset:
+            s += 1
+        while line_i + 1 < len(states) and states[line_i + 1][0] <= offset:
+            line_i += 1
+        inside = s < len(spans) and spans[s][0] <= offset < spans[s][1]
+        kind = spans[s][2] if inside else "other"
+        if kind == "operands" and not piece.isdigit():
+            kind = "operator"
+        elif kind != "operands" and not piece.isdigit():
+            kind = "other"  # brackets, commas, separators: format, not content
+        kinds.append(kind)
+        token_states.append(states[line_i][1] if states else None)
+        offset += len(piece)
+    return kinds, token_states
+
+
+def model_predictor(cfg, params):
+    """``predict(tokens [B, T], lengths [B]) -> [B, T]``: the model's argmax next token at every position."""
+    import jax
+    import jax.numpy as jnp
+
+    from apr_jax.model import llama
+
+    @jax.jit
+    def argmax(params, tokens, lengths):
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return llama.forward(cfg, params, tokens, positions, valid_lengths=lengths)[0].argmax(-1)
+
+    return lambda tokens, lengths: np.asarray(argmax(params, tokens, lengths))
+
+
+def probe(predict, tok, seqs: list[np.ndarray], pad_id: int = 0, batch: int = 4) -> dict:
+    """Teacher-forced top-1 accuracy by token kind over ``seqs`` (token id arrays, BOS first).
+
+    ``predict(tokens [B, T] int32, lengths [B]) -> [B, T]`` gives the predicted next token at each position
+    (:func:`model_predictor`). Rows are right-padded with ``pad_id`` to a multiple of 256.
+    """
+    hits = {k: 0 for k in KINDS}
+    counts = {k: 0 for k in KINDS}
+    for i in range(0, len(seqs), batch):
+        group = seqs[i:i + batch]
+        width = -(-max(len(s) for s in group) // 256) * 256  # few shapes, few compilations
+        tokens = np.full((len(group), width), pad_id, np.int32)
+        for r, s in enumerate(group):
+            tokens[r, :len(s)] = s
+        pred = predict(tokens, np.array([len(s) for s in group], np.int32))
+        for r, s in enumerate(group):
+            pieces = [tok.id_to_token(int(t)) or "" for t in s[1:]]  # after BOS
+            kinds, states = token_kinds(pieces)
+            guess = pred[r, :len(s) - 1]  # prediction of token t+1 from the prefix up to t
+            for j, (kind, state) in enumerate(zip(kinds, states)):
+                hits[kind] += int(guess[j] == s[j + 1])
+                counts[kind] += 1
+                first_operand = kind == "operands" and (j == 0 or kinds[j - 1] == "other")
+                if first_operand and state is not None:
+                    word = tok.id_to_token(int(guess[j])) or ""
+                    counts["operand_in_state"] += 1
+                    hits["operand_in_state"] += int(word.isdigit() and int(word) in state)
+    return {k: {"accuracy": hits[k] / counts[k] if counts[k] else None, "tokens": counts[k]} for k in KINDS}

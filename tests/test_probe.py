@@ -1,0 +1,68 @@
+"""The teacher-forced skill probe: token kinds from the trace grammar, accuracies from a predictor."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from apr_jax.data import tokenizer as T
+from apr_jax.train.probe import probe, token_kinds
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _golden_sosp(k=0):
+    return json.loads((FIXTURES / "golden_sosp.jsonl").read_text().splitlines()[k])
+
+
+def _pieces(tok, text):
+    return [tok.id_to_token(i) for i in T.encode(tok, text) if i > 3 or tok.id_to_token(i) not in ("<s>", "</s>")]
+
+
+def test_token_kinds_follow_the_grammar():
+    tok = T.build_tokenizer("integers", 3)
+    text = ("Current State: 50:[4, 30, 16, 16], Operations: []\n"
+            "Exploring Operation: 16/16=1, Resulting Numbers: [4, 30, 1]\n"
+            "Generated Node #0,0: 50:[4, 30, 1] Operation: 16/16=1\n")
+    pieces = _pieces(tok, text)
+    assert "".join(pieces) == text
+    kinds, states = token_kinds(pieces)
+    got = [(p, k) for p, k in zip(pieces, kinds) if k != "other"]
+    assert got == [("50", "state"), ("4", "state"), ("30", "state"), ("16", "state"), ("16", "state"),
+                   ("16", "operands"), ("/", "operator"), ("16", "operands"), ("1", "result"),
+                   ("4", "resulting"), ("30", "resulting"), ("1", "resulting"),
+                   ("0", "generated"), ("0", "generated"), ("50", "generated"), ("4", "generated"),
+                   ("30", "generated"), ("1", "generated"), ("16", "generated"), ("16", "generated"),
+                   ("1", "generated")]
+    # every token of the exploring line sees the state above it
+    explore = pieces.index("Exploring Operation: ")
+    assert states[explore + 1] == {4, 30, 16}
+
+
+def test_malformed_lines_are_other():
+    tok = T.build_tokenizer("integers", 3)
+    pieces = _pieces(tok, "Exploring Operation: 16/16, Resulting\nCurrent State: 5:[1, 2")
+    kinds, _ = token_kinds(pieces)
+    assert set(kinds) == {"other"}
+
+
+def test_probe_scores_an_oracle_and_a_constant_predictor():
+    tok = T.build_tokenizer("integers", 3)
+    _, bos, _ = T.special_ids(tok)
+    text = _golden_sosp()["search_path"]
+    seq = np.array([bos] + T.encode(tok, text), np.int32)
+    seq = seq[seq != T.special_ids(tok)[2]]  # no EOS
+    seqs = [seq, seq[:300]]
+
+    def oracle(tokens, lengths):
+        return np.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+
+    result = probe(oracle, tok, seqs)
+    assert all(v["accuracy"] == 1.0 for v in result.values() if v["tokens"])
+    assert result["operands"]["tokens"] > 0 and result["state"]["tokens"] > 0
+    assert result["operand_in_state"]["tokens"] == result["operands"]["tokens"] // 2
+
+    seventy = tok.token_to_id("70")
+    result = probe(lambda tokens, lengths: np.full_like(tokens, seventy), tok, seqs)
+    assert result["operator"]["accuracy"] == 0.0 and result["other"]["accuracy"] == 0.0
+    assert result["operand_in_state"]["accuracy"] == 0.0  # 70 is not in this problem's states
