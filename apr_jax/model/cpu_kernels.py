@@ -64,7 +64,14 @@ def _build(compiler: str) -> Path:
     lib = cache / f"decode_attention_{key}.so"
     if lib.exists():
         return lib
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:  # e.g. a read-only home: build where the process can write
+        cache = Path(tempfile.gettempdir()) / "apr_jax_kernels"
+        cache.mkdir(parents=True, exist_ok=True)
+        lib = cache / lib.name
+        if lib.exists():
+            return lib
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
