@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -128,6 +129,7 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   }
   work(*shared);
   while (shared->done.load(std::memory_order_acquire) < units) {
+    std::this_thread::yield();  // a helper may be waiting for this core
   }
   return ffi::Error::Success();
 }
