@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apr_jax.model import attention, cpu_kernels
+from apr_jax.model import attention, cpu_kernels, llama
+from apr_jax.model import forward, init_cache
 from apr_jax.model import config as model_config
 from apr_jax.model.attention import MaskSpec
 
@@ -91,3 +92,55 @@ def test_kernel_rejects_other_dtypes():
     cache = jnp.zeros((1, 1, 2, 8, 16), jnp.float32)
     with pytest.raises(TypeError, match="float32"):
         cpu_kernels.decode_attention(q, cache, cache, 0, jnp.ones((1,), jnp.int32), 0.25)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (5, 40, 70), (16, 256, 1114), (13, 64, 40), (29, 48, 96)])
+def test_packed_matmul_matches_numpy(m, k, n):
+    # rows split into tiles of <= 12 (29 -> three), a last panel only partly filled, depth not a multiple of 8
+    rng = np.random.default_rng(m)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    packed = cpu_kernels.pack(jnp.asarray(w))
+    p = cpu_kernels.panel_width()
+    assert packed.shape == (-(-n // p), k, p)
+    y = jax.jit(lambda x, w: cpu_kernels.packed_matmul(x, w, n))(x, packed)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_packed_matmul_checks_its_inputs():
+    with pytest.raises(ValueError, match=r"\[K, N\]"):
+        cpu_kernels.pack(jnp.zeros((2, 3, 4)))
+    with pytest.raises(TypeError, match="float32"):
+        cpu_kernels.packed_matmul(jnp.zeros((2, 8), jnp.bfloat16), cpu_kernels.pack(jnp.zeros((8, 4))), 4)
+    with pytest.raises(Exception, match="do not agree"):  # more columns than the panels hold
+        jax.block_until_ready(cpu_kernels.packed_matmul(jnp.zeros((2, 8)), cpu_kernels.pack(jnp.zeros((8, 4))), 40))
+
+
+@needs_kernel
+def test_packed_weights_give_the_plain_logits():
+    cfg = model_config.tiny(72, intermediate_size=100)  # panels only partly used (100, 72 columns)
+    params = llama.unstack_layers(llama.init(cfg, jax.random.key(0)))
+    packed = llama.pack_for_cpu_decoding(params)
+    assert "lm_head_packed" in packed and "wqkv_packed" in packed["layer_0"]["attn"]
+    with pytest.raises(ValueError, match="unrolled"):
+        llama.pack_for_cpu_decoding(llama.init(cfg, jax.random.key(0)))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 72, size=(3, 6)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(6), (3, 6))
+
+    def decode(p):  # a prefill of 5 tokens, then one decode step of one token per row
+        cache = init_cache(cfg, 3, 16)
+        _, cache = forward(cfg, p, tokens[:, :5], positions[:, :5], cache)
+        logits, _ = forward(cfg, p, tokens[:, 5:], positions[:, 5:], cache)
+        return logits
+
+    step = jax.jit(decode)
+    hlo = step.lower(packed).as_text()
+    assert hlo.count(cpu_kernels.MATMUL_TARGET) == 4 * cfg.num_layers + 1  # qkv, o, gate-up, down; head
+    assert cpu_kernels.MATMUL_TARGET not in step.lower(params).as_text()
+    np.testing.assert_allclose(step(packed), step(params), atol=2e-5)
+    # a multi-token pass keeps the plain weights
+    full = jax.jit(lambda p: forward(cfg, p, tokens, positions)[0])
+    assert cpu_kernels.MATMUL_TARGET not in full.lower(packed).as_text()
+    np.testing.assert_allclose(full(packed)[:, 5:], step(params), atol=2e-5)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apr_jax.inference.sampling import GREEDY, Sampling, sample
-from apr_jax.model import forward, init_cache, unstack_layers
+from apr_jax.model import cpu_kernels, forward, init_cache, pack_for_cpu_decoding, unstack_layers
 from apr_jax.model.config import LlamaConfig
 from apr_jax.model.kv_cache import KVCache
 
@@ -324,6 +324,9 @@ class Engine:
             self.state = jax.device_put(self.state, shardings)
             self.params = jax.device_put(self.params, sh.tree_shardings(self.params, mesh))
             self._decode_fn, self._admit_fn = _mesh_steps(mesh)
+        elif cfg.dtype != "bfloat16" and jax.default_backend() == "cpu" and cpu_kernels.available():
+            # one device, CPU: decode-step projections through the packed small-row matmul kernel
+            self.params = jax.jit(pack_for_cpu_decoding)(self.params)
         self._rows: list[_Row | None] = [None] * slots
         self._by_key: dict[Hashable, int] = {}
         self._queue: list[_Request] = []

@@ -2,7 +2,7 @@
 
 from apr_jax.model.config import LlamaConfig, mini, paper, tiny
 from apr_jax.model.kv_cache import KVCache, init_cache, reset, truncate
-from apr_jax.model.llama import forward, init, unstack_layers
+from apr_jax.model.llama import forward, init, pack_for_cpu_decoding, unstack_layers
 
 __all__ = [
     "KVCache",
@@ -11,8 +11,10 @@ __all__ = [
     "init",
     "init_cache",
     "mini",
+    "pack_for_cpu_decoding",
     "paper",
     "reset",
     "tiny",
     "truncate",
+    "unstack_layers",
 ]

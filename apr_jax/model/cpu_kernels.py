@@ -1,14 +1,18 @@
-"""A fused CPU kernel for single-query attention over the KV cache (decoding), as an XLA FFI custom call.
+"""Fused CPU kernels for decoding, as XLA FFI custom calls.
 
-XLA:CPU runs decode attention as rows x heads tiny batched dots with a fixed cost each, so on a CPU that
-attention, not the weights, dominates a many-row decode step (docs/inference.md). ``csrc/decode_attention.cc``
-does the same exact softmax attention as one sweep per (row, kv head) over the cache, read in place.
+* ``csrc/decode_attention.cc``: single-query attention over the KV cache. XLA:CPU runs decode attention as
+  rows x heads tiny batched dots with a fixed cost each; the kernel does the same exact softmax attention as
+  one sweep per (row, kv head) over the cache, read in place.
+* ``csrc/packed_matmul.cc``: ``x[M, K] @ W[K, N]`` for the few rows of a decode step, against a weight
+  packed once into column panels (:func:`pack`). XLA's generic dot runs these small-row products far below
+  the core's FMA rate; the kernel's register-blocked tiles run close to it.
 
-The kernel is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``/``c++``) against the
-FFI headers that jaxlib ships, and cached under ``$APR_JAX_KERNEL_CACHE`` (default
-``~/.cache/apr_jax/kernels``), keyed by the source, the flags, the jaxlib version and the CPU. Nothing is
-downloaded. Without a compiler, or with ``APR_JAX_DECODE_KERNEL=0``, :func:`available` is False and the
-model uses its pure-XLA path (same results to fp32 rounding); the reason is logged once.
+Both are compiled on first use, into one library, with the system C++ compiler (``$CXX``, else
+``g++``/``c++``) against the FFI headers that jaxlib ships, and cached under ``$APR_JAX_KERNEL_CACHE``
+(default ``~/.cache/apr_jax/kernels``), keyed by the sources, the flags, the jaxlib version and the CPU.
+Nothing is downloaded. Without a compiler, or with ``APR_JAX_DECODE_KERNEL=0``, :func:`available` is False
+and the model uses its pure-XLA path (same results to fp32 rounding); the reason is logged once.
+Measured effect on decoding: docs/inference.md.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 TARGET = "apr_decode_attention"
-_SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cc"
+MATMUL_TARGET = "apr_packed_matmul"
+_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("decode_attention.cc", "packed_matmul.cc"))
 # -ffast-math lets the compiler vectorise the dot products' sums and the exponentials (glibc's libmvec): a
 # different summation order from XLA's, i.e. fp32 rounding differences only (measured: 1.04x faster at 170
 # cached tokens, 1.28x at 2,000, than without it).
@@ -57,11 +62,11 @@ def _cpu_id() -> str:
 def _build(compiler: str) -> Path:
     import jaxlib
 
-    source = _SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in _SOURCES)
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), jaxlib.__version__.encode(),
                                      _cpu_id().encode(), compiler.encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("APR_JAX_KERNEL_CACHE", Path.home() / ".cache" / "apr_jax" / "kernels"))
-    lib = cache / f"decode_attention_{key}.so"
+    lib = cache / f"apr_kernels_{key}.so"
     if lib.exists():
         return lib
     try:
@@ -74,7 +79,7 @@ def _build(compiler: str) -> Path:
             return lib
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
-    cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
+    cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
@@ -86,9 +91,12 @@ def _build(compiler: str) -> Path:
     return lib
 
 
+_PANEL = [0]  # the packed layout's panel width, read from the loaded library
+
+
 @functools.cache
 def available() -> bool:
-    """Whether the decode kernel is compiled, loaded and registered for the CPU platform."""
+    """Whether the decode kernels are compiled, loaded and registered for the CPU platform."""
     if os.environ.get("APR_JAX_DECODE_KERNEL", "1").lower() in ("0", "false", "no", "off"):
         log.info("fused CPU decode attention disabled by APR_JAX_DECODE_KERNEL")
         return False
@@ -102,8 +110,11 @@ def available() -> bool:
 
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.AprDecodeAttention), platform="cpu")
+        jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.AprPackedMatmul), platform="cpu")
+        lib.AprPackedPanelWidth.restype = ctypes.c_int64
+        _PANEL[0] = int(lib.AprPackedPanelWidth())
     except Exception as err:  # a failed build must not stop inference: fall back to XLA
-        log.warning("fused CPU decode attention unavailable (%s: %s); using XLA attention",
+        log.warning("fused CPU decode kernels unavailable (%s: %s); using XLA attention and matmuls",
                     type(err).__name__, err)
         return False
     return True
@@ -122,3 +133,34 @@ def decode_attention(q_BNH: jax.Array, k_LBKSH: jax.Array, v_LBKSH: jax.Array, l
                             vmap_method="sequential")
     return call(q_BNH, k_LBKSH, v_LBKSH, jnp.asarray(layer, jnp.int32), limit_B.astype(jnp.int32),
                 scale=np.float32(scale))
+
+
+def panel_width() -> int:
+    """Columns per panel of the packed weight layout (32 with AVX-512, else 16). Needs :func:`available`."""
+    if not available():
+        raise RuntimeError("the CPU decode kernels are not available (see the log for why)")
+    return _PANEL[0]
+
+
+def pack(w_KN: jax.Array) -> jax.Array:
+    """``[K, N]`` weight -> ``[ceil(N / P), K, P]`` column panels of width :func:`panel_width`, zero-padded.
+
+    Done once per decoding run (outside the loop): the layout lets :func:`packed_matmul` stream each panel
+    in order while a tile of rows reuses every loaded panel row.
+    """
+    if w_KN.ndim != 2:
+        raise ValueError(f"pack takes a [K, N] matrix, got shape {w_KN.shape}")
+    p = panel_width()
+    k, n = w_KN.shape
+    panels = -(-n // p)
+    w_KN = jnp.pad(w_KN.astype(jnp.float32), ((0, 0), (0, panels * p - n)))
+    return w_KN.reshape(k, panels, p).transpose(1, 0, 2)
+
+
+def packed_matmul(x_MK: jax.Array, w_PKC: jax.Array, n: int) -> jax.Array:
+    """``x_MK @ W[:, :n]`` for ``W`` packed by :func:`pack`: fp32, ``[M, n]``. CPU only (see above)."""
+    if x_MK.dtype != jnp.float32 or w_PKC.dtype != jnp.float32:
+        raise TypeError("packed_matmul takes float32 inputs")
+    call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((x_MK.shape[0], n), jnp.float32),
+                            vmap_method="sequential")
+    return call(x_MK, w_PKC)

@@ -14,10 +14,13 @@ Attention is exact blockwise "flash" attention (:mod:`apr_jax.model.attention`):
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from apr_jax.model import cpu_kernels
 from apr_jax.model import kv_cache as kvc
 from apr_jax.model.attention import MaskSpec, attention, cached_attention, matmul as _matmul
 from apr_jax.model.config import LlamaConfig
@@ -68,14 +71,24 @@ class Attention(nn.Module):
         wv_DKH = self.param("wv", init, (d, k, h), jnp.float32)
         wo_NHD = self.param("wo", init, (n, h, d), jnp.float32)
 
-        q_BTNH = apply_rope(_matmul(cfg, "BTD,DNH->BTNH", x_BTD, wq_DNH), sin_BTH, cos_BTH)
-        k_BTKH = apply_rope(_matmul(cfg, "BTD,DKH->BTKH", x_BTD, wk_DKH), sin_BTH, cos_BTH)
-        v_BTKH = _matmul(cfg, "BTD,DKH->BTKH", x_BTD, wv_DKH)
+        if _decoding_packed(self, "wqkv_packed", x_BTD):
+            q_BTNH, k_BTKH, v_BTKH = _packed_projections(x_BTD, self.get_variable("params", "wqkv_packed"),
+                                                         [(wq_DNH, (n, h)), (wk_DKH, (k, h)), (wv_DKH, (k, h))])
+        else:
+            q_BTNH = _matmul(cfg, "BTD,DNH->BTNH", x_BTD, wq_DNH)
+            k_BTKH = _matmul(cfg, "BTD,DKH->BTKH", x_BTD, wk_DKH)
+            v_BTKH = _matmul(cfg, "BTD,DKH->BTKH", x_BTD, wv_DKH)
+        q_BTNH = apply_rope(q_BTNH, sin_BTH, cos_BTH)
+        k_BTKH = apply_rope(k_BTKH, sin_BTH, cos_BTH)
         if kv is None:
             out_BTNH = attention(cfg, q_BTNH, k_BTKH, v_BTKH, spec)
         else:
             kv = (kvc.write(kv[0], layer, k_BTKH, *write_at), kvc.write(kv[1], layer, v_BTKH, *write_at))
             out_BTNH = cached_attention(cfg, q_BTNH, kv[0], kv[1], layer, spec)
+        if _decoding_packed(self, "wo_packed", x_BTD):
+            (out_BTD,) = _packed_projections(out_BTNH, self.get_variable("params", "wo_packed"),
+                                             [(wo_NHD, (d,))])
+            return out_BTD, kv
         return _matmul(cfg, "BTNH,NHD->BTD", out_BTNH, wo_NHD), kv
 
 
@@ -92,6 +105,12 @@ class MLP(nn.Module):
         w_gate_DF = self.param("w_gate", init, (d, f), jnp.float32)
         w_up_DF = self.param("w_up", init, (d, f), jnp.float32)
         w_down_FD = self.param("w_down", init, (f, d), jnp.float32)
+        if _decoding_packed(self, "w_gate_up_packed", x_BTD):
+            gate_BTF, up_BTF = _packed_projections(x_BTD, self.get_variable("params", "w_gate_up_packed"),
+                                                   [(w_gate_DF, (f,)), (w_up_DF, (f,))])
+            (out_BTD,) = _packed_projections(jax.nn.silu(gate_BTF) * up_BTF,
+                                             self.get_variable("params", "w_down_packed"), [(w_down_FD, (d,))])
+            return out_BTD
         gate_BTF = _matmul(cfg, "BTD,DF->BTF", x_BTD, w_gate_DF)
         up_BTF = _matmul(cfg, "BTD,DF->BTF", x_BTD, w_up_DF)
         return _matmul(cfg, "BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, w_down_FD)
@@ -158,6 +177,10 @@ class Llama(nn.Module):
         x_BTD = RMSNorm(cfg.norm_eps, name="final_norm")(x_BTD)
         lm_head_DV = self.param("lm_head", nn.initializers.normal(cfg.init_std),
                                 (cfg.hidden_size, cfg.vocab_size), jnp.float32)
+        if _decoding_packed(self, "lm_head_packed", x_BTD):
+            (logits_BTV,) = _packed_projections(x_BTD, self.get_variable("params", "lm_head_packed"),
+                                                [(lm_head_DV, (cfg.vocab_size,))])
+            return logits_BTV
         return _matmul(cfg, "BTD,DV->BTV", x_BTD, lm_head_DV)
 
 
@@ -171,6 +194,77 @@ def unstack_layers(params: dict) -> dict:
     out = {k: v for k, v in params.items() if k != "layers"}
     out.update({f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count)})
     return out
+
+
+# Weights packed by :func:`pack_for_cpu_decoding`: name -> the matrices it concatenates (their input dims
+# flattened first), per module.
+_PACKED = {
+    "attn": {"wqkv_packed": (("wq", 1), ("wk", 1), ("wv", 1)), "wo_packed": (("wo", 2),)},
+    "mlp": {"w_gate_up_packed": (("w_gate", 1), ("w_up", 1)), "w_down_packed": (("w_down", 1),)},
+}
+
+
+def _pack_matrices(module_params: dict, parts) -> jax.Array:
+    """Pack each ``[*in, *out]`` weight as ``[prod(in), prod(out)]`` and stack the panels (each part padded
+    to whole panels separately, so its columns start at a panel boundary)."""
+    panels = []
+    for name, in_dims in parts:
+        w = module_params[name]
+        panels.append(cpu_kernels.pack(w.reshape(math.prod(w.shape[:in_dims]), -1)))
+    return jnp.concatenate(panels, axis=0)
+
+
+def pack_for_cpu_decoding(params: dict) -> dict:
+    """Add panel-packed copies of every weight matrix (``*_packed`` entries) to unrolled parameters.
+
+    With them present, decode steps (one new token per row) on CPU run their projections through the
+    fused small-row matmul kernel (:mod:`apr_jax.model.cpu_kernels`), the query/key/value and gate/up
+    projections each as one call; prefill and every other platform keep the plain weights. Use once,
+    outside jit, on the result of :func:`unstack_layers`, and only when ``cpu_kernels.available()``.
+    """
+    if "layers" in params:
+        raise ValueError("pack_for_cpu_decoding takes unrolled parameters (unstack_layers first)")
+    out = dict(params)
+    for key, block in params.items():
+        if not key.startswith("layer_"):
+            continue
+        block = dict(block)
+        for module, packs in _PACKED.items():
+            block[module] = dict(block[module])
+            for packed_name, parts in packs.items():
+                block[module][packed_name] = _pack_matrices(params[key][module], parts)
+        out[key] = block
+    out["lm_head_packed"] = _pack_matrices(params, (("lm_head", 1),))
+    return out
+
+
+def _decoding_packed(module: nn.Module, name: str, x_BTD) -> bool:
+    """Whether this call is a decode step (one token per row) in fp32 with packed weights present."""
+    return x_BTD.shape[1] == 1 and module.cfg.dtype != "bfloat16" and module.has_variable("params", name)
+
+
+def _packed_projections(x_BT_in, packed_PKC, parts):
+    """One fused small-row matmul of ``x`` against packed, concatenated weights, split back into one
+    ``[B, T, *out]`` array per ``(weight, out_shape)`` of ``parts``. On platforms other than CPU the plain
+    weights are used instead (the same fp32 products)."""
+    b, t = x_BT_in.shape[:2]
+    x_MK = x_BT_in.reshape(b * t, -1).astype(jnp.float32)
+    panel = packed_PKC.shape[2]
+    widths = [math.prod(out) for _, out in parts]
+    starts = [0]
+    for width in widths[:-1]:
+        starts.append(starts[-1] + -(-width // panel) * panel)
+
+    def fused(x_MK, packed_PKC, *weights):
+        y_MN = cpu_kernels.packed_matmul(x_MK, packed_PKC, starts[-1] + widths[-1])
+        return [y_MN[:, s:s + w] for s, w in zip(starts, widths)]
+
+    def portable(x_MK, packed_PKC, *weights):
+        return [jnp.dot(x_MK, w.reshape(x_MK.shape[1], -1), preferred_element_type=jnp.float32) for w in weights]
+
+    weights = [w for w, _ in parts]
+    ys = jax.lax.platform_dependent(x_MK, packed_PKC, *weights, cpu=fused, default=portable)
+    return [y.reshape(b, t, *out) for y, (_, out) in zip(ys, parts)]
 
 
 def init(cfg: LlamaConfig, key: jax.Array) -> dict:
