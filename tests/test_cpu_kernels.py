@@ -1,5 +1,6 @@
 """The fused CPU decode-attention kernel (an XLA FFI custom call) against the XLA path it replaces."""
 
+import dataclasses
 import logging
 
 import jax
@@ -144,3 +145,49 @@ def test_packed_weights_give_the_plain_logits():
     full = jax.jit(lambda p: forward(cfg, p, tokens, positions)[0])
     assert cpu_kernels.MATMUL_TARGET not in full.lower(packed).as_text()
     np.testing.assert_allclose(full(packed)[:, 5:], step(params), atol=2e-5)
+
+
+def _train_case(b, t, n, kh, h, seed, segments):
+    cfg = model_config.tiny(64, num_heads=n, num_kv_heads=kh, head_dim=h, attention_block=32)
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, t, kh, h)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, t, kh, h)), jnp.float32)
+    seg = np.sort(rng.integers(0, 3, size=(b, t)), axis=1) if segments else np.zeros((b, t))
+    valid = rng.integers(1, t + 1, size=(b,))
+    valid[0] = t
+    spec = MaskSpec(jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.asarray(seg, jnp.int32), jnp.asarray(seg, jnp.int32),
+                    jnp.asarray(valid, jnp.int32))
+    return cfg, q, k, v, spec
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 50, 4, 2, 16, 0, False), (3, 64, 4, 4, 32, 1, True), (1, 37, 2, 1, 24, 2, False),
+                                   (2, 130, 8, 8, 32, 3, True)])  # GQA, packed MHA, MQA + odd H, > 48 queries
+def test_training_kernel_matches_xla_attention_and_gradients(shape, monkeypatch):
+    cfg, q, k, v, spec = _train_case(*shape)
+
+    def grad():  # a new function each time: jit must trace again, not reuse its cache
+        def loss(q, k, v):
+            out = attention.attention(cfg, q, k, v, spec)
+            return jnp.sum(out * jnp.cos(out)), out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+    hlo = grad().lower(q, k, v).as_text()
+    assert cpu_kernels.TRAIN_FWD_TARGET in hlo and cpu_kernels.TRAIN_BWD_TARGET in hlo
+    (_, fused_out), fused_grads = grad()(q, k, v)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    assert cpu_kernels.TRAIN_FWD_TARGET not in grad().lower(q, k, v).as_text()
+    (_, xla_out), xla_grads = grad()(q, k, v)
+    np.testing.assert_allclose(fused_out, xla_out, atol=1e-5)
+    for fused, xla in zip(fused_grads, xla_grads):
+        np.testing.assert_allclose(fused, xla, atol=2e-5)
+
+
+@needs_kernel
+def test_training_kernel_not_used_for_bf16():
+    cfg, q, k, v, spec = _train_case(1, 16, 2, 2, 16, 0, False)
+    cfg = dataclasses.replace(cfg, dtype="bfloat16")
+    hlo = jax.jit(lambda q, k, v: attention.attention(cfg, q, k, v, spec)).lower(q, k, v).as_text()
+    assert cpu_kernels.TRAIN_FWD_TARGET not in hlo

@@ -185,6 +185,27 @@ def _flash_bwd(cfg, blocks, residuals, dout_BKGTH):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(scale, q_BKGTH, k_BKSH, v_BKSH, spec):
+    """The fused CPU kernel (:func:`cpu_kernels.train_attention`): same maths as :func:`_flash`."""
+    return cpu_kernels.train_attention(q_BKGTH, k_BKSH, v_BKSH, spec, scale)[0]
+
+
+def _fused_fwd(scale, q_BKGTH, k_BKSH, v_BKSH, spec):
+    out_BKGTH, lse_BKGT = cpu_kernels.train_attention(q_BKGTH, k_BKSH, v_BKSH, spec, scale)
+    return out_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, spec, out_BKGTH, lse_BKGT)
+
+
+def _fused_bwd(scale, residuals, dout_BKGTH):
+    q_BKGTH, k_BKSH, v_BKSH, spec, out_BKGTH, lse_BKGT = residuals
+    dq, dk, dv = cpu_kernels.train_attention_grad(q_BKGTH, k_BKSH, v_BKSH, out_BKGTH, lse_BKGT, dout_BKGTH, spec,
+                                                  scale)
+    return dq, dk, dv, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
 def attention(cfg: LlamaConfig, q_BTNH, k_BTKH, v_BTKH, spec: MaskSpec) -> jax.Array:
     """Exact blockwise (flash) causal self-attention with GQA over a whole sequence (no cache).
 
@@ -210,7 +231,14 @@ def attention(cfg: LlamaConfig, q_BTNH, k_BTKH, v_BTKH, spec: MaskSpec) -> jax.A
     q_BKGTH = q_BTKGH.transpose(0, 2, 3, 1, 4)
     k_BKSH = jnp.pad(k_BTKH, ((0, 0), (0, pad_t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     v_BKSH = jnp.pad(v_BTKH, ((0, 0), (0, pad_t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    out_BKGTH = _flash(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec)
+    if cfg.dtype != "bfloat16" and q_BKGTH.dtype == k_BKSH.dtype == v_BKSH.dtype == jnp.float32 and \
+            cpu_kernels.available():
+        # On CPU: the fused kernel (forward and backward); other platforms keep the blockwise XLA path.
+        out_BKGTH = jax.lax.platform_dependent(
+            q_BKGTH, k_BKSH, v_BKSH, spec, cpu=functools.partial(_fused, h**-0.5),
+            default=functools.partial(_flash, cfg, blocks))
+    else:
+        out_BKGTH = _flash(cfg, blocks, q_BKGTH, k_BKSH, v_BKSH, spec)
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, nq * bq, n, h)[:, :t]
 
 

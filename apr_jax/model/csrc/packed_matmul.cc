@@ -10,76 +10,21 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <thread>
 
+#include "tile.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int64_t kPanel = 32;   // two 16-float vectors
-constexpr int64_t kMaxRows = 12;  // 24 accumulators + 2 panel vectors + 1 broadcast of 32 registers
-#else
-constexpr int64_t kPanel = 16;   // two 8-float vectors (AVX2) or four 4-float (SSE/NEON)
-constexpr int64_t kMaxRows = 6;   // 12 accumulators of 16 registers
-#endif
-constexpr int64_t kHalf = kPanel / 2;
-typedef float Vec __attribute__((vector_size(kHalf * sizeof(float))));
+using apr_tile::kMaxRows;
+using apr_tile::kPanel;
 
 // Below this many multiply-adds per call, handing work to other threads costs more than it saves.
 constexpr int64_t kParallelWork = 1 << 17;
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(Vec));
-  return v;
-}
-
-inline void Store(float* p, const Vec& v, int64_t count) {  // the first `count` lanes (<= kHalf)
-  if (count >= kHalf) {
-    std::memcpy(p, &v, sizeof(Vec));
-  } else if (count > 0) {
-    float lanes[kHalf];
-    std::memcpy(lanes, &v, sizeof(Vec));
-    std::memcpy(p, lanes, count * sizeof(float));
-  }
-}
-
-// MR rows of x (stride k) times one packed panel [k, kPanel] -> columns [0, width) of MR rows of y.
-template <int64_t MR>
-void Tile(const float* __restrict x, int64_t k, const float* __restrict panel, float* __restrict y,
-          int64_t ldy, int64_t width) {
-  Vec lo[MR], hi[MR];
-  for (int64_t m = 0; m < MR; ++m) lo[m] = hi[m] = Vec{};
-  for (int64_t i = 0; i < k; ++i) {
-    const Vec b0 = Load(panel + i * kPanel), b1 = Load(panel + i * kPanel + kHalf);
-    for (int64_t m = 0; m < MR; ++m) {
-      const float a = x[m * k + i];
-      lo[m] += a * b0;
-      hi[m] += a * b1;
-    }
-  }
-  for (int64_t m = 0; m < MR; ++m) {
-    Store(y + m * ldy, lo[m], width);
-    Store(y + m * ldy + kHalf, hi[m], width - kHalf);
-  }
-}
-
-using TileFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t);
-
-TileFn SelectTile(int64_t rows) {
-#if defined(__AVX512F__)
-  static constexpr TileFn table[] = {Tile<1>, Tile<2>, Tile<3>, Tile<4>, Tile<5>,  Tile<6>,
-                                     Tile<7>, Tile<8>, Tile<9>, Tile<10>, Tile<11>, Tile<12>};
-#else
-  static constexpr TileFn table[] = {Tile<1>, Tile<2>, Tile<3>, Tile<4>, Tile<5>, Tile<6>};
-#endif
-  return table[rows - 1];
-}
 
 ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                             ffi::ResultBuffer<ffi::F32> y) {
@@ -108,7 +53,8 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     const int64_t width = std::min<int64_t>(kPanel, cols - p * kPanel);
     for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
       const int64_t r = std::min<int64_t>(block_rows, rows - r0);
-      SelectTile(r)(xp + r0 * depth, depth, panel, yp + r0 * cols + p * kPanel, cols, width);
+      apr_tile::SelectTile(r)(xp + r0 * depth, depth, depth, panel, yp + r0 * cols + p * kPanel, cols, width,
+                              false);
     }
   };
 
