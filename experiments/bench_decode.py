@@ -15,7 +15,7 @@ What is measured, each in its own subprocess (clean thread pools and peak memory
   ``transformers.LlamaForCausalLM``; ``generate(do_sample=False, min_new_tokens=max_new_tokens=N)`` on the
   left-padded batch with its default dynamic KV cache, ``torch.set_num_threads(cpu_count)``, after one
   warm-up call.
-* ``engine_xla_attention`` (ablation, unless ``--no-ablation``): the engine with ``APR_JAX_DECODE_KERNEL=0``,
+* ``engine_xla_attention`` (ablation, unless ``--no-ablation``): the engine with ``APR_JAX_CPU_KERNELS=0``,
   i.e. XLA's attention instead of the fused CPU decode kernel (:mod:`apr_jax.model.cpu_kernels`).
 * ``batching``: engine wall time for 10 threads of ``--new-tokens`` decoded together vs 1 alone (the cost of
   a spawn's children relative to one child).
@@ -171,7 +171,7 @@ def spawn(args, kind: str, threads: int) -> dict:
         cmd += ["--ckpt", args.ckpt]
     env = dict(os.environ)
     if kind == "engine_xla":  # the engine with XLA's attention instead of the fused CPU decode kernel
-        env["APR_JAX_DECODE_KERNEL"] = "0"
+        env["APR_JAX_CPU_KERNELS"] = "0"
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if res.returncode:
         raise RuntimeError(f"{kind} worker failed:\n{res.stderr[-3000:]}")

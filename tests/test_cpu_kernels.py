@@ -80,7 +80,7 @@ def test_failed_build_falls_back_to_xla(monkeypatch, tmp_path, caplog):
 
 
 def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv("APR_JAX_DECODE_KERNEL", "0")
+    monkeypatch.setenv("APR_JAX_CPU_KERNELS", "0")
     cpu_kernels.available.cache_clear()
     try:
         assert not cpu_kernels.available()

@@ -1,4 +1,4 @@
-"""Fused CPU kernels for decoding, as XLA FFI custom calls.
+"""Fused CPU kernels for decoding and training, as XLA FFI custom calls.
 
 * ``csrc/decode_attention.cc``: single-query attention over the KV cache. XLA:CPU runs decode attention as
   rows x heads tiny batched dots with a fixed cost each; the kernel does the same exact softmax attention as
@@ -6,12 +6,16 @@
 * ``csrc/packed_matmul.cc``: ``x[M, K] @ W[K, N]`` for the few rows of a decode step, against a weight
   packed once into column panels (:func:`pack`). XLA's generic dot runs these small-row products far below
   the core's FMA rate; the kernel's register-blocked tiles run close to it.
+* ``csrc/train_attention.cc``: exact attention over whole sequences, forward (output and log-sum-exp) and
+  backward (dq, dk, dv from the saved log-sum-exp), for SFT and GRPO updates. XLA:CPU runs the blockwise
+  attention's per-score work as separate memory-bound passes; the kernel fuses them (docs/training.md).
 
-Both are compiled on first use, into one library, with the system C++ compiler (``$CXX``, else
+All are compiled on first use, into one library, with the system C++ compiler (``$CXX``, else
 ``g++``/``c++``) against the FFI headers that jaxlib ships, and cached under ``$APR_JAX_KERNEL_CACHE``
 (default ``~/.cache/apr_jax/kernels``), keyed by the sources, the flags, the jaxlib version and the CPU.
-Nothing is downloaded. Without a compiler, or with ``APR_JAX_DECODE_KERNEL=0``, :func:`available` is False
-and the model uses its pure-XLA path (same results to fp32 rounding); the reason is logged once.
+Nothing is downloaded. Without a compiler, or with ``APR_JAX_CPU_KERNELS=0`` (the older name
+``APR_JAX_DECODE_KERNEL=0`` works too), :func:`available` is False and the model uses its pure-XLA path (same
+results to fp32 rounding); the reason is logged once.
 Measured effect on decoding: docs/inference.md.
 """
 
@@ -100,14 +104,15 @@ _PANEL = [0]  # the packed layout's panel width, read from the loaded library
 
 @functools.cache
 def available() -> bool:
-    """Whether the decode kernels are compiled, loaded and registered for the CPU platform."""
-    if os.environ.get("APR_JAX_DECODE_KERNEL", "1").lower() in ("0", "false", "no", "off"):
-        log.info("fused CPU decode attention disabled by APR_JAX_DECODE_KERNEL")
+    """Whether the CPU kernels are compiled, loaded and registered for the CPU platform."""
+    switches = (os.environ.get("APR_JAX_CPU_KERNELS", "1"), os.environ.get("APR_JAX_DECODE_KERNEL", "1"))
+    if any(value.lower() in ("0", "false", "no", "off") for value in switches):
+        log.info("fused CPU kernels disabled by APR_JAX_CPU_KERNELS")
         return False
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C++ compiler found ($CXX, g++, c++, clang++): decoding on CPU uses XLA attention, "
-                    "which is several times slower at many rows (docs/inference.md)")
+        log.warning("no C++ compiler found ($CXX, g++, c++, clang++): on CPU, decoding and training use XLA "
+                    "attention and matmuls, which are several times slower (docs/inference.md, docs/training.md)")
         return False
     try:
         import ctypes
