@@ -75,6 +75,9 @@ def test_failed_build_falls_back_to_xla(monkeypatch, tmp_path, caplog):
         cfg, q, k, v, spec = _case(4, 2, 16, lengths=[3, 9])
         hlo = jax.jit(lambda q, k, v: attention.cached_attention(cfg, q, k, v, 0, spec)).lower(q, k, v).as_text()
         assert cpu_kernels.TARGET not in hlo
+        cfg, q, k, v, spec = _train_case(1, 16, 4, 2, 16, 0, False)  # training attention: the XLA path too
+        hlo = jax.jit(lambda q, k, v: attention.attention(cfg, q, k, v, spec)).lower(q, k, v).as_text()
+        assert cpu_kernels.TRAIN_FWD_TARGET not in hlo
     finally:
         cpu_kernels.available.cache_clear()
 
@@ -191,3 +194,16 @@ def test_training_kernel_not_used_for_bf16():
     cfg = dataclasses.replace(cfg, dtype="bfloat16")
     hlo = jax.jit(lambda q, k, v: attention.attention(cfg, q, k, v, spec)).lower(q, k, v).as_text()
     assert cpu_kernels.TRAIN_FWD_TARGET not in hlo
+
+
+@needs_kernel
+def test_engine_packs_weights_on_one_cpu_device_only():
+    from apr_jax.inference.engine import Engine
+    from apr_jax.train import sharding
+
+    cfg = model_config.tiny(64)
+    params = llama.init(cfg, jax.random.key(0))
+    assert "lm_head_packed" in Engine(cfg, params, slots=2, eos_id=2).params
+    if len(jax.devices()) >= 2:  # a mesh keeps the plain weights (the custom calls have no partitioning rule)
+        mesh = sharding.make_mesh((2, 1), devices=jax.devices()[:2])
+        assert "lm_head_packed" not in Engine(cfg, params, slots=2, eos_id=2, mesh=mesh).params
