@@ -10,6 +10,9 @@ N query heads, K kv heads, G = N // K, H head dim, F MLP width, V vocabulary.
 
 Attention is exact blockwise "flash" attention (:mod:`apr_jax.model.attention`): no more than one
 ``cfg.attention_block``-sized block of scores exists at a time, forward or backward.
+
+Parameter layouts: stacked (``layers``, training), unrolled (``layer_0 ...``, :func:`unstack_layers`, decoding)
+and unrolled plus panel-packed copies of the matrices for CPU decode steps (:func:`pack_for_cpu_decoding`).
 """
 
 from __future__ import annotations
