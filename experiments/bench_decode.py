@@ -16,7 +16,7 @@ What is measured, each in its own subprocess (clean thread pools and peak memory
   left-padded batch with its default dynamic KV cache, ``torch.set_num_threads(cpu_count)``, after one
   warm-up call.
 * ``engine_xla_attention`` (ablation, unless ``--no-ablation``): the engine with ``APR_JAX_CPU_KERNELS=0``,
-  i.e. XLA's attention instead of the fused CPU decode kernel (:mod:`apr_jax.model.cpu_kernels`).
+  i.e. XLA's attention and matmuls instead of the fused CPU kernels (:mod:`apr_jax.model.cpu_kernels`).
 * ``batching``: engine wall time for 10 threads of ``--new-tokens`` decoded together vs 1 alone (the cost of
   a spawn's children relative to one child).
 
@@ -170,7 +170,7 @@ def spawn(args, kind: str, threads: int) -> dict:
     if args.ckpt:
         cmd += ["--ckpt", args.ckpt]
     env = dict(os.environ)
-    if kind == "engine_xla":  # the engine with XLA's attention instead of the fused CPU decode kernel
+    if kind == "engine_xla":  # the engine with XLA's attention and matmuls instead of the CPU kernels
         env["APR_JAX_CPU_KERNELS"] = "0"
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if res.returncode:
@@ -186,7 +186,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is reported)")
     p.add_argument("--no-ablation", action="store_true",
-                   help="skip the engine run without the fused CPU decode kernel")
+                   help="skip the engine run without the fused CPU kernels")
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)
@@ -210,7 +210,7 @@ def main() -> None:
             xla = spawn(args, "engine_xla", threads)
             same_xla = sum(a == b for a, b in zip(xla.pop("tokens"), hf_tokens))
             row["engine_xla_attention"] = {**xla, "threads_with_identical_tokens": same_xla}
-            line += f" | without the decode kernel {xla['tokens_per_s']:.0f} tok/s"
+            line += f" | without the CPU kernels {xla['tokens_per_s']:.0f} tok/s"
         report["runs"].append(row)
         print(line, flush=True)
     one, ten = spawn(args, "engine", 1), spawn(args, "engine", 10)

@@ -43,7 +43,7 @@ TRAIN_FWD_TARGET = "apr_train_attention_fwd"
 TRAIN_BWD_TARGET = "apr_train_attention_bwd"
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = tuple(_CSRC / name for name in ("decode_attention.cc", "packed_matmul.cc", "train_attention.cc"))
-_HEADERS = (_CSRC / "tile.h",)
+_HEADERS = (_CSRC / "tile.h", _CSRC / "parallel.h")
 # -ffast-math lets the compiler vectorise the dot products' sums and the exponentials (glibc's libmvec): a
 # different summation order from XLA's, i.e. fp32 rounding differences only (measured: 1.04x faster at 170
 # cached tokens, 1.28x at 2,000, than without it).
@@ -125,7 +125,7 @@ def available() -> bool:
         lib.AprPackedPanelWidth.restype = ctypes.c_int64
         _PANEL[0] = int(lib.AprPackedPanelWidth())
     except Exception as err:  # a failed build must not stop inference: fall back to XLA
-        log.warning("fused CPU decode kernels unavailable (%s: %s); using XLA attention and matmuls",
+        log.warning("fused CPU kernels unavailable (%s: %s); using XLA attention and matmuls",
                     type(err).__name__, err)
         return False
     return True
@@ -149,7 +149,7 @@ def decode_attention(q_BNH: jax.Array, k_LBKSH: jax.Array, v_LBKSH: jax.Array, l
 def panel_width() -> int:
     """Columns per panel of the packed weight layout (32 with AVX-512, else 16). Needs :func:`available`."""
     if not available():
-        raise RuntimeError("the CPU decode kernels are not available (see the log for why)")
+        raise RuntimeError("the CPU kernels are not available (see the log for why)")
     return _PANEL[0]
 
 

@@ -8,13 +8,11 @@
 // contiguous sweep over its keys and values. Rows are split over XLA's intra-op thread pool.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -102,35 +100,17 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   const int64_t units = rows * kv_heads;
   const AttendFn attend = SelectAttend(head_dim);
 
-  // Work sharing over (row, kv head) units: the calling thread and up to num_threads pool tasks take units
-  // from one counter; the caller then waits only for units already taken (their takers are running), so a
-  // task the pool starts late finds nothing left and touches only the shared counters it co-owns.
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  auto work = [=](Shared& st) {
-    std::vector<float> scores;
-    for (int64_t u = st.next.fetch_add(1); u < units; u = st.next.fetch_add(1)) {
-      const int64_t b = u / kv_heads, kh = u % kv_heads;
-      const int64_t n = std::min<int64_t>(std::max<int32_t>(lim[b], 0), slots);
-      const int64_t cache_off = ((l * rows + b) * kv_heads + kh) * slots * head_dim;
-      const int64_t q_off = (b * heads + kh * groups) * head_dim;
-      attend(qp + q_off, kp + cache_off, vp + cache_off, op + q_off, n, groups, head_dim, scale, scores);
-      st.done.fetch_add(1, std::memory_order_release);
-    }
-  };
   int64_t keys = 0;
   for (int64_t b = 0; b < rows; ++b) keys += std::min<int64_t>(std::max<int32_t>(lim[b], 0), slots);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, units - 1);
-  if (keys * kv_heads * head_dim * groups >= kParallelWork) {
-    for (int64_t w = 0; w < helpers; ++w) pool.Schedule([shared, work] { work(*shared); });
-  }
-  work(*shared);
-  while (shared->done.load(std::memory_order_acquire) < units) {
-    std::this_thread::yield();  // a helper may be waiting for this core
-  }
+  // One unit = one (row, kv head).
+  apr_parallel::ForEachUnit(pool, units, keys * kv_heads * head_dim * groups >= kParallelWork, [=](int64_t u) {
+    thread_local std::vector<float> scores;
+    const int64_t b = u / kv_heads, kh = u % kv_heads;
+    const int64_t n = std::min<int64_t>(std::max<int32_t>(lim[b], 0), slots);
+    const int64_t cache_off = ((l * rows + b) * kv_heads + kh) * slots * head_dim;
+    const int64_t q_off = (b * heads + kh * groups) * head_dim;
+    attend(qp + q_off, kp + cache_off, vp + cache_off, op + q_off, n, groups, head_dim, scale, scores);
+  });
   return ffi::Error::Success();
 }
 

@@ -8,11 +8,9 @@
 // (docs/inference.md). Panels are shared between the calling thread and XLA's intra-op pool.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 
+#include "parallel.h"
 #include "tile.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -58,25 +56,7 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     }
   };
 
-  // Work sharing as in decode_attention.cc: the caller and up to num_threads pool tasks take panels from
-  // one counter; the caller waits only for panels already taken.
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  auto work = [=](Shared& st) {
-    for (int64_t p = st.next.fetch_add(1); p < panels; p = st.next.fetch_add(1)) {
-      run_panel(p);
-      st.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  if (rows * depth * cols >= kParallelWork) {
-    const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, panels - 1);
-    for (int64_t h = 0; h < helpers; ++h) pool.Schedule([shared, work] { work(*shared); });
-  }
-  work(*shared);
-  while (shared->done.load(std::memory_order_acquire) < panels) std::this_thread::yield();
+  apr_parallel::ForEachUnit(pool, panels, rows * depth * cols >= kParallelWork, run_panel);
   return ffi::Error::Success();
 }
 

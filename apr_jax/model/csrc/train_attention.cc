@@ -12,15 +12,12 @@
 // one (causal). Units are shared between the calling thread and XLA's intra-op pool; a unit owns its dk/dv.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "tile.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -31,6 +28,12 @@ namespace {
 using apr_tile::kMaxRows;
 using apr_tile::kPanel;
 using apr_tile::Panels;
+
+// A per-thread buffer of at least n floats, reused across units and calls (contents unspecified).
+float* Scratch(std::vector<float>& buffer, int64_t n) {
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
 
 // Queries per dK/dV product in the backward pass (probabilities and dS of this many rows are kept).
 constexpr int64_t kBackwardRows = 4 * kMaxRows;
@@ -51,25 +54,6 @@ inline int64_t KeyBound(const Dims& d, const Masks& mk, int64_t b, int64_t t) {
   const int64_t slot = mk.q_slot[b * d.queries + t];
   const int64_t limit = mk.k_limit[b];
   return std::max<int64_t>(0, std::min<int64_t>({slot + 1, limit, d.keys}));
-}
-
-// Runs fn(unit) for unit in [0, units) on the calling thread and up to num_threads - 1 pool tasks.
-void ParallelUnits(ffi::ThreadPool& pool, int64_t units, const std::function<void(int64_t)>& fn) {
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, units, fn] {
-    for (int64_t u = shared->next.fetch_add(1); u < units; u = shared->next.fetch_add(1)) {
-      fn(u);
-      shared->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, units - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work(); });
-  work();
-  while (shared->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
 }
 
 // Scaled scores of queries [t0, t0 + r) against keys [0, bound): probs[m * ld + s]. Then, per query, the
@@ -148,24 +132,27 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
   float *op = out->typed_data(), *lp = lse->typed_data();
   const int64_t H = d.head_dim, S = d.keys, T = d.queries;
 
-  ParallelUnits(pool, d.rows * d.kv_heads, [&](int64_t u) {
+  apr_parallel::ForEachUnit(pool, d.rows * d.kv_heads, true, [&](int64_t u) {
     const int64_t b = u / d.kv_heads;
     const float* k_unit = kp + u * S * H;
     const float* v_unit = vp + u * S * H;
-    std::vector<float> k_panels(Panels(S) * H * kPanel), v_panels(Panels(H) * S * kPanel);
-    apr_tile::PackTransposed(k_unit, H, S, H, k_panels.data());  // K^T [H, S] as panels over keys
-    apr_tile::PackColumns(v_unit, H, S, H, v_panels.data());     // V [S, H] as panels over head dims
+    thread_local std::vector<float> k_buf, v_buf, p_buf, i_buf;
+    float* k_panels = Scratch(k_buf, Panels(S) * H * kPanel);
+    float* v_panels = Scratch(v_buf, Panels(H) * S * kPanel);
+    apr_tile::PackTransposed(k_unit, H, S, H, k_panels);  // K^T [H, S] as panels over keys
+    apr_tile::PackColumns(v_unit, H, S, H, v_panels);     // V [S, H] as panels over head dims
     const int64_t ld = Panels(S) * kPanel;
-    std::vector<float> probs(kMaxRows * ld), inv_sum(kMaxRows);
+    float* probs = Scratch(p_buf, kMaxRows * ld);
+    float* inv_sum = Scratch(i_buf, kMaxRows);
     for (int64_t g = 0; g < d.groups; ++g) {
       const int64_t qg = (u * d.groups + g) * T;  // first query of this (row, kv head, group)
       for (int64_t t0 = 0; t0 < T; t0 += kMaxRows) {
         const int64_t r = std::min(kMaxRows, T - t0);
         const int64_t bound = BlockBound(d, mk, b, t0, r);
         float* o = op + (qg + t0) * H;
-        Probabilities(d, mk, b, t0, r, qp + (qg + t0) * H, k_panels.data(), bound, scale, probs.data(), ld,
-                      nullptr, lp + qg + t0, inv_sum.data());
-        apr_tile::Multiply(probs.data(), ld, r, bound, v_panels.data(), S * kPanel, H, o, H, false);
+        Probabilities(d, mk, b, t0, r, qp + (qg + t0) * H, k_panels, bound, scale, probs, ld,
+                      nullptr, lp + qg + t0, inv_sum);
+        apr_tile::Multiply(probs, ld, r, bound, v_panels, S * kPanel, H, o, H, false);
         for (int64_t m = 0; m < r; ++m) {
           for (int64_t h = 0; h < H; ++h) o[m * H + h] *= inv_sum[m];
         }
@@ -189,7 +176,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   const int64_t H = d.head_dim, S = d.keys, T = d.queries;
 
-  ParallelUnits(pool, d.rows * d.kv_heads, [&](int64_t u) {
+  apr_parallel::ForEachUnit(pool, d.rows * d.kv_heads, true, [&](int64_t u) {
     const int64_t b = u / d.kv_heads;
     const float* k_unit = kp + u * S * H;
     const float* v_unit = vp + u * S * H;
@@ -197,14 +184,18 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
     float* dv_unit = dvp + u * S * H;
     std::fill(dk_unit, dk_unit + S * H, 0.0f);
     std::fill(dv_unit, dv_unit + S * H, 0.0f);
-    std::vector<float> kt_panels(Panels(S) * H * kPanel), vt_panels(Panels(S) * H * kPanel);
-    std::vector<float> k_panels(Panels(H) * S * kPanel);
-    apr_tile::PackTransposed(k_unit, H, S, H, kt_panels.data());  // scores = Q K^T
-    apr_tile::PackTransposed(v_unit, H, S, H, vt_panels.data());  // dP = dO V^T
-    apr_tile::PackColumns(k_unit, H, S, H, k_panels.data());      // dQ = dS K
+    thread_local std::vector<float> kt_buf, vt_buf, k_buf, p_buf, dp_buf, q_buf, do_buf;
+    float* kt_panels = Scratch(kt_buf, Panels(S) * H * kPanel);
+    float* vt_panels = Scratch(vt_buf, Panels(S) * H * kPanel);
+    float* k_panels = Scratch(k_buf, Panels(H) * S * kPanel);
+    apr_tile::PackTransposed(k_unit, H, S, H, kt_panels);  // scores = Q K^T
+    apr_tile::PackTransposed(v_unit, H, S, H, vt_panels);  // dP = dO V^T
+    apr_tile::PackColumns(k_unit, H, S, H, k_panels);      // dQ = dS K
     const int64_t ld = Panels(S) * kPanel;
-    std::vector<float> probs(kBackwardRows * ld), dprobs(kBackwardRows * ld);
-    std::vector<float> q_block(Panels(H) * kBackwardRows * kPanel), do_block(Panels(H) * kBackwardRows * kPanel);
+    float* probs = Scratch(p_buf, kBackwardRows * ld);
+    float* dprobs = Scratch(dp_buf, kBackwardRows * ld);
+    float* q_block = Scratch(q_buf, Panels(H) * kBackwardRows * kPanel);
+    float* do_block = Scratch(do_buf, Panels(H) * kBackwardRows * kPanel);
     for (int64_t g = 0; g < d.groups; ++g) {
       const int64_t qg = (u * d.groups + g) * T;
       // Blocks of kBackwardRows queries: dS and P of the whole block feed dK and dV as one product each (a
@@ -219,11 +210,11 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
         for (int64_t t0 = b0; t0 < b0 + rows; t0 += kMaxRows) {
           const int64_t r = std::min(kMaxRows, b0 + rows - t0);
           const float* do_rows = dop + (qg + t0) * H;
-          float* p = probs.data() + (t0 - b0) * ld;
-          float* ds = dprobs.data() + (t0 - b0) * ld;
-          Probabilities(d, mk, b, t0, r, qp + (qg + t0) * H, kt_panels.data(), bound, scale, p, ld, lp + qg + t0,
+          float* p = probs + (t0 - b0) * ld;
+          float* ds = dprobs + (t0 - b0) * ld;
+          Probabilities(d, mk, b, t0, r, qp + (qg + t0) * H, kt_panels, bound, scale, p, ld, lp + qg + t0,
                         nullptr, nullptr);
-          apr_tile::Multiply(do_rows, H, r, H, vt_panels.data(), H * kPanel, bound, ds, ld, false);
+          apr_tile::Multiply(do_rows, H, r, H, vt_panels, H * kPanel, bound, ds, ld, false);
           for (int64_t m = 0; m < r; ++m) {  // dS = P * (dP - delta) * scale, in place of dP
             const float* o_row = op + (qg + t0 + m) * H;
             float delta = 0.0f;
@@ -232,13 +223,13 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
             const float* p_row = p + m * ld;
             for (int64_t s = 0; s < bound; ++s) ds_row[s] = p_row[s] * (ds_row[s] - delta) * scale;
           }
-          apr_tile::Multiply(ds, ld, r, bound, k_panels.data(), S * kPanel, H, dqp + (qg + t0) * H, H, false);
+          apr_tile::Multiply(ds, ld, r, bound, k_panels, S * kPanel, H, dqp + (qg + t0) * H, H, false);
         }
         // dK[:bound] += dS^T Q, dV[:bound] += P^T dO: key rows read the block's columns (transposed tiles)
-        apr_tile::PackColumns(qp + (qg + b0) * H, H, rows, H, q_block.data());
-        apr_tile::PackColumns(dop + (qg + b0) * H, H, rows, H, do_block.data());
-        apr_tile::Multiply<true>(dprobs.data(), ld, bound, rows, q_block.data(), rows * kPanel, H, dk_unit, H, true);
-        apr_tile::Multiply<true>(probs.data(), ld, bound, rows, do_block.data(), rows * kPanel, H, dv_unit, H, true);
+        apr_tile::PackColumns(qp + (qg + b0) * H, H, rows, H, q_block);
+        apr_tile::PackColumns(dop + (qg + b0) * H, H, rows, H, do_block);
+        apr_tile::Multiply<true>(dprobs, ld, bound, rows, q_block, rows * kPanel, H, dk_unit, H, true);
+        apr_tile::Multiply<true>(probs, ld, bound, rows, do_block, rows * kPanel, H, dv_unit, H, true);
       }
     }
   });
