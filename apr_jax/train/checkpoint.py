@@ -215,7 +215,8 @@ def check_resume_config(run_dir: Path, model_cfg, cfg) -> None:
     if diff:
         raise ValueError(f"cannot resume {run_dir}: model config differs in {', '.join(diff)}")
     new_train = cfg.to_dict()
-    diff = sorted(k for k in new_train if old["train"].get(k) != new_train[k])
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}  # fields newer than the saved config
+    diff = sorted(k for k in new_train if old["train"].get(k, defaults.get(k)) != new_train[k])
     if diff:
         log.warning("resuming %s with changed train config fields %s; the run is no longer an exact "
                     "continuation", run_dir, ", ".join(diff))

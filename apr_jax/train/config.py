@@ -77,6 +77,10 @@ class SFTConfig:
       dtype: compute dtype override for the model (``"float32"`` or ``"bfloat16"``); ``None`` keeps the
         model config's.
       data_threads: grain reader threads; prefetch_batches: batches the reader keeps ready.
+      arith_facts: fraction of training tokens taken from arithmetic fact sheets
+        (:mod:`apr_jax.data.facts`, every ``a op b = c`` with operands up to ``arith_max_operand``, written
+        as the solvers write operations) appended to the training set; 0 (the default, and the paper's
+        recipe) adds none.
     """
 
     batch_size: int = 256
@@ -109,6 +113,8 @@ class SFTConfig:
     dtype: str | None = None
     data_threads: int = 1
     prefetch_batches: int = 2
+    arith_facts: float = 0.0
+    arith_max_operand: int = 99
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "seq_len", "log_every", "keep_checkpoints",
@@ -146,6 +152,10 @@ class SFTConfig:
                 f"SFTConfig.batch_size ({self.batch_size}) must be a multiple of grad_accum "
                 f"({self.grad_accum})"
             )
+        _number("arith_facts", self.arith_facts, positive=False)
+        if self.arith_facts >= 1:
+            raise ValueError(f"SFTConfig.arith_facts must be in [0, 1), got {self.arith_facts!r}")
+        _positive_int("arith_max_operand", self.arith_max_operand)
         if self.pad_policy not in PAD_POLICIES:
             raise ValueError(f"SFTConfig.pad_policy must be one of {PAD_POLICIES}, got {self.pad_policy!r}")
         if self.seq_len < 2:

@@ -235,6 +235,24 @@ def padding_efficiency(batch: dict[str, np.ndarray]) -> float:
     return float(batch["loss_mask"].mean())
 
 
+def with_fact_sheets(train_src, data_dir: str | Path, cfg: SFTConfig):
+    """``train_src`` followed by arithmetic fact sheets making ``cfg.arith_facts`` of its tokens."""
+    from apr_jax.data import facts
+    from apr_jax.data import tokenizer as tokenization
+
+    tok_path = Path(data_dir) / "tokenizer.json"
+    if not tok_path.exists():
+        raise FileNotFoundError(f"arith_facts needs the data set's tokenizer at {tok_path.absolute()}")
+    encoder = tokenization.FastEncoder(tokenization.load_tokenizer(tok_path))
+    base = int(np.minimum(train_src.lengths, cfg.seq_len).sum())
+    sheets = facts.FactSheets.for_fraction(cfg.arith_facts, base, encoder, bos_id=train_src.meta["bos_id"],
+                                           eos_id=train_src.meta["eos_id"], max_operand=cfg.arith_max_operand,
+                                           seed=cfg.seed)
+    log.info("arith_facts=%.2f: %d fact sheets (%d facts each, %.2fM tokens) appended to %d sequences",
+             cfg.arith_facts, len(sheets), sheets.facts_per_sheet, sheets.num_tokens / 1e6, len(train_src))
+    return facts.ConcatSource(train_src, sheets)
+
+
 def open_sources(data_dir: str | Path, method: str):
     """``(train, val)`` ``TokenArraySource``s of ``DATA/arrays/{method}_{train,val}`` (val may be None)."""
     root = Path(data_dir) / "arrays"

@@ -318,6 +318,8 @@ def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, meth
     run_dir = Path(out_dir)
     train_src, val_src = data_lib.open_sources(data_dir, method)
     meta = train_src.meta
+    if sft_cfg.arith_facts:
+        train_src = data_lib.with_fact_sheets(train_src, data_dir, sft_cfg)
     if meta["vocab_size"] > model_cfg.vocab_size:
         raise ValueError(f"the data's vocabulary ({meta['vocab_size']}) exceeds the model's "
                          f"vocab_size ({model_cfg.vocab_size})")
