@@ -25,7 +25,7 @@ demo-quick: $(STAMP)
 	$(VENV)/bin/apr-jax demo --preset mini --quick --out runs/demo_quick
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n 2
 
 bench: $(STAMP)
 	$(PY) experiments/bench_train.py

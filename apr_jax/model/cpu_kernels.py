@@ -85,17 +85,25 @@ def _build(compiler: str) -> Path:
         lib = cache / lib.name
         if lib.exists():
             return lib
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", tmp]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, lib)  # atomic: concurrent builders each write their own file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    import fcntl
+
+    # One builder at a time per cache (parallel test workers, several jobs started together): the others
+    # wait on the lock and then find the library built.
+    with open(cache / f"{lib.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if lib.exists():
+            return lib
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", tmp]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+            os.replace(tmp, lib)  # atomic: a reader never sees a partly written library
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return lib
 
 
