@@ -116,3 +116,20 @@ def test_training_source_gains_fact_sheets(tiny_data):
     assert int(a) <= 20 and int(b) <= 20
     batch = next(iter(data_lib.train_iterator(mixed, cfg, train_src.meta["pad_id"])))
     assert batch["tokens"].shape[0] == 2
+
+
+def test_sheets_reject_a_tokenizer_that_cannot_write_the_facts():
+    class UnknownEverywhere:
+        def encode_many(self, texts):
+            return [np.full(3, 3, np.int32) for _ in texts]
+
+    with pytest.raises(ValueError, match=r"arithmetic fact '1\+1=2'"):
+        facts.FactSheets(UnknownEverywhere(), bos_id=1, eos_id=2, num_sheets=1, max_operand=2, unk_id=3)
+
+
+def test_tokenizer_model_and_fast_encoder_write_the_same_sheets():
+    tok = tokenization.build_tokenizer("integers", 3)
+    kwargs = dict(bos_id=1, eos_id=2, num_sheets=3, facts_per_sheet=40, max_operand=40, unk_id=3)
+    fast = facts.FactSheets(tokenization.FastEncoder(tok), **kwargs)
+    model = facts.FactSheets(tokenization.HFEncoder(tok), **kwargs)
+    assert all(np.array_equal(fast[i], model[i]) for i in range(3))

@@ -50,14 +50,16 @@ class FactSheets:
     """
 
     def __init__(self, encoder, *, bos_id: int, eos_id: int, num_sheets: int, facts_per_sheet: int = 160,
-                 max_operand: int = 99, seed: int = 0):
+                 max_operand: int = 99, seed: int = 0, unk_id: int | None = None):
         if num_sheets < 1 or facts_per_sheet < 1:
             raise ValueError(f"num_sheets and facts_per_sheet must be positive, got {num_sheets}, "
                              f"{facts_per_sheet}")
         table = fact_table(max_operand)
         ids = encoder.encode_many([t + "\n" for t in table])
-        if any(len(x) == 0 or (x == 0).any() for x in ids):
-            raise ValueError("the tokenizer cannot encode the arithmetic facts (unknown tokens)")
+        bad = next((t for t, x in zip(table, ids) if len(x) == 0 or (unk_id is not None and (x == unk_id).any())),
+                   None)
+        if bad is not None:
+            raise ValueError(f"the tokenizer cannot encode the arithmetic fact {bad!r} (unknown tokens)")
         self._ids = ids
         self._fact_len = np.asarray([len(x) for x in ids], dtype=np.int64)
         self.num_facts = len(table)
@@ -66,8 +68,8 @@ class FactSheets:
         self.num_sheets, self.seed = int(num_sheets), int(seed)
         self.bos_id, self.eos_id = int(bos_id), int(eos_id)
 
-    @functools.lru_cache(maxsize=4)
     def _order(self, p: int) -> np.ndarray:
+        """The table's order in pass ``p`` (a permutation of 25,025 facts: well under a millisecond)."""
         return np.random.default_rng([self.seed, p]).permutation(self.num_facts)
 
     def _slice(self, i: int) -> np.ndarray:
@@ -78,7 +80,7 @@ class FactSheets:
     def lengths(self) -> np.ndarray:
         out = np.empty(self.num_sheets, dtype=np.int64)
         for p in range(math.ceil(self.num_sheets / self.sheets_per_pass)):
-            order_len = self._fact_len[np.random.default_rng([self.seed, p]).permutation(self.num_facts)]
+            order_len = self._fact_len[self._order(p)]
             bounds = np.arange(0, self.num_facts, self.facts_per_sheet)
             per_sheet = np.add.reduceat(order_len, bounds) + 2  # BOS and EOS
             start = p * self.sheets_per_pass
@@ -108,10 +110,10 @@ class FactSheets:
         """Sheets whose tokens make ``fraction`` of ``base_tokens + sheet tokens``."""
         if not 0 < fraction < 1:
             raise ValueError(f"the fraction of fact tokens must be in (0, 1), got {fraction!r}")
-        probe = cls(encoder, num_sheets=1, **kwargs)
-        per_sheet = probe.num_tokens
-        want = fraction / (1 - fraction) * base_tokens
-        return cls(encoder, num_sheets=max(1, round(want / per_sheet)), **kwargs)
+        sheets = cls(encoder, num_sheets=1, **kwargs)
+        per_sheet = (sheets._fact_len.sum() + 2 * sheets.sheets_per_pass) / sheets.sheets_per_pass  # mean
+        sheets.num_sheets = max(1, round(fraction / (1 - fraction) * base_tokens / per_sheet))
+        return sheets  # ``lengths`` is computed on first use, for the final count
 
 
 class ConcatSource:

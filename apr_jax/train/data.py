@@ -243,11 +243,13 @@ def with_fact_sheets(train_src, data_dir: str | Path, cfg: SFTConfig):
     tok_path = Path(data_dir) / "tokenizer.json"
     if not tok_path.exists():
         raise FileNotFoundError(f"arith_facts needs the data set's tokenizer at {tok_path.absolute()}")
-    encoder = tokenization.FastEncoder(tokenization.load_tokenizer(tok_path))
+    # The tokenizer.json model itself (the fast encoder equals it only on our own vocabularies).
+    tok = tokenization.load_tokenizer(tok_path)
+    encoder = tokenization.HFEncoder(tok)
     base = int(np.minimum(train_src.lengths, cfg.seq_len).sum())
     sheets = facts.FactSheets.for_fraction(cfg.arith_facts, base, encoder, bos_id=train_src.meta["bos_id"],
                                            eos_id=train_src.meta["eos_id"], max_operand=cfg.arith_max_operand,
-                                           seed=cfg.seed)
+                                           seed=cfg.seed, unk_id=tok.token_to_id("<unk>"))
     log.info("arith_facts=%.2f: %d fact sheets (%d facts each, %.2fM tokens) appended to %d sequences",
              cfg.arith_facts, len(sheets), sheets.facts_per_sheet, sheets.num_tokens / 1e6, len(train_src))
     return facts.ConcatSource(train_src, sheets)
