@@ -116,7 +116,8 @@ def cmd_eval(args) -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k)
     _, summary = ev.evaluate(model_cfg, params, tok, problems, run, slots=args.slots, context=args.context,
                              sampling=sampling, out=args.out, keep_tokens=args.keep_tokens,
-                             progress=not args.quiet, aid=args.aid, backend=args.backend, timeout=args.timeout)
+                             progress=not args.quiet, aid=args.aid, backend=args.backend, timeout=args.timeout,
+                             kv_dtype=args.kv_dtype)
     aided = "" if args.aid == "none" else f" [decoding aid: {args.aid}]"
     print(f"{args.mode}{aided}: accuracy {summary['accuracy']:.1%} on {summary['problems']} problems"
           + (f" (pass@{args.samples} {summary['pass_at_n']:.1%})" if args.mode == "sc" else "")
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "lists (the model still chooses the search); reported beside plain results, never instead")
     p.add_argument("--keep-tokens", action="store_true",
                    help="also save prompt/output token ids and log-probs per thread")
+    p.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="KV cache entries: float32 (exact) or bfloat16 (half the cache memory; log-probs rounded)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="per-problem results (JSON Lines; summary beside it)")
     p.set_defaults(fn=cmd_eval)

@@ -71,7 +71,9 @@ class Plan:
 FULL = Plan("full", None, None, sft_steps=200, sft_batch=4, sft_seq_len=None, eval_problems=32, eval_context=2048,
             max_total_tokens=8192, sweep_contexts=(512, 1024), sweep_problems=16, sc_samples=4, sc_problems=8,
             rl_steps=2, rl_problems_per_step=4, rl_group_size=4,
-            estimates_s=(("data", 60), ("sft", 1800), ("eval", 240), ("sweep", 90), ("sc", 420), ("rl", 900),
+            # measured stage times of a quiet full run (docs/experiments.md): SFT 23 and 16 min, evaluations
+            # 1.2-6.2 min, sweep points 0.4-1.7, self-consistency 1.8, GRPO 4.6
+            estimates_s=(("data", 85), ("sft", 1150), ("eval", 200), ("sweep", 60), ("sc", 110), ("rl", 280),
                          ("report", 10)))
 QUICK = Plan("quick", 2_000, 100, sft_steps=24, sft_batch=4, sft_seq_len=1024, eval_problems=8, eval_context=512,
              max_total_tokens=2048, sweep_contexts=(256,), sweep_problems=8, sc_samples=2, sc_problems=4, rl_steps=1,

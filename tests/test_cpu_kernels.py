@@ -30,7 +30,7 @@ def _case(num_heads, num_kv_heads, head_dim, lengths, slots=96, layers=3, seed=0
 
 
 @needs_kernel
-@pytest.mark.parametrize("heads", [(4, 4, 16), (4, 2, 16), (2, 1, 32), (2, 2, 24)])  # MHA, GQA, MQA, odd H
+@pytest.mark.parametrize("heads", [(4, 4, 16), (4, 2, 16), (2, 1, 32), (2, 2, 64), (2, 2, 24)])  # MHA, GQA, MQA, wide H, odd H
 def test_kernel_matches_xla_attention(heads):
     assert cpu_kernels.available()
     cfg, q, k, v, spec = _case(*heads, lengths=[0, 1, 7, 95, 96])
@@ -49,6 +49,26 @@ def test_kernel_reads_only_the_visible_keys():
     np.testing.assert_array_equal(out, attention.cached_attention(cfg, q, garbage, v.at[:, :, :, 40:].set(7.0), 1, spec))
     other_layer = k.at[0].set(0.0).at[2].set(0.0)
     np.testing.assert_array_equal(out, attention.cached_attention(cfg, q, other_layer, v, 1, spec))
+
+
+@needs_kernel
+def test_kernel_reads_a_bf16_cache_as_the_xla_path_does():
+    from apr_jax.model import kv_cache
+
+    cfg, q, k, v, spec = _case(4, 2, 32, lengths=[0, 3, 40, 96])
+    bits = [jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), kv_cache.BF16_BITS) for x in (k, v)]
+    for cache in (bits, [x.astype(jnp.bfloat16) for x in (k, v)]):  # stored as uint16 bits, or as bf16
+        fused = jax.jit(lambda q, k, v: attention.cached_attention(cfg, q, k, v, 1, spec))(q, *cache)
+        xla = attention._cached_attention_xla(cfg, q, *[kv_cache.entries(x) for x in cache], 1, spec)
+        np.testing.assert_allclose(fused, xla, atol=2e-6)
+    # the same as fp32 attention over the rounded entries, and not the same as over the exact ones
+    rounded = attention._cached_attention_xla(cfg, q, *[x.astype(jnp.bfloat16).astype(jnp.float32) for x in (k, v)],
+                                              1, spec)
+    np.testing.assert_allclose(fused, rounded, atol=2e-6)
+    assert not np.allclose(fused, attention._cached_attention_xla(cfg, q, k, v, 1, spec), atol=1e-4)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        cpu_kernels.decode_attention(q[:, 0], k.astype(jnp.float16), v.astype(jnp.float16), 0,
+                                     jnp.ones((4,), jnp.int32), 0.25)
 
 
 @needs_kernel

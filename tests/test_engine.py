@@ -65,6 +65,28 @@ def test_greedy_threads_equal_a_plain_forward_loop_and_record_exact_logprobs(par
         np.testing.assert_allclose(f.logprobs, fresh, atol=1e-4)
 
 
+def test_bf16_cache_decodes_what_a_forward_over_a_bf16_cache_predicts(params):
+    """``kv_dtype="bfloat16"`` rounds keys and values (not exact against the fp32 forward, by design), and
+    is exact against the same model with a bf16 cache: tokens and log-probabilities of one prefill."""
+    from apr_jax.model import kv_cache
+
+    threads = {i: (p, 20) for i, p in enumerate(prompts(5, seed=1))}
+    engine = Engine(CFG, params, slots=2, eos_id=EOS, kv_dtype="bfloat16")
+    assert engine.state.cache.k.dtype == kv_cache.BF16_BITS  # half the bytes of the fp32 cache
+    done = run(params, threads, slots=2, kv_dtype="bfloat16")
+    fn = jax.jit(lambda tokens: forward(CFG, params, tokens, jnp.arange(CFG.max_seq_len)[None],
+                                        kv_cache.init_cache(CFG, 1, dtype=jnp.bfloat16))[0][0])
+    for key, (prompt, _) in threads.items():
+        f = done[key]
+        seq = list(prompt) + f.tokens
+        logp = jax.nn.log_softmax(fn(jnp.asarray([seq + [0] * (CFG.max_seq_len - len(seq))], jnp.int32)), axis=-1)
+        rows = [len(prompt) - 1 + i for i in range(len(f.tokens))]
+        assert f.tokens == [int(jnp.argmax(logp[r])) for r in rows]
+        np.testing.assert_allclose(f.logprobs, [float(logp[r, t]) for r, t in zip(rows, f.tokens)], atol=1e-4)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        Engine(CFG, params, slots=2, eos_id=EOS, kv_dtype="float16")
+
+
 def test_sampled_threads_do_not_depend_on_slots_or_neighbours(params):
     sampling = Sampling(temperature=1.0, top_k=20)
     threads = {f"t{i}": (p, 30) for i, p in enumerate(prompts(6, seed=1))}

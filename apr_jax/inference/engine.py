@@ -72,11 +72,15 @@ class SlotState:
     logp: jax.Array
 
 
-def init_state(cfg: LlamaConfig, slots: int, context: int, stop_width: int) -> SlotState:
-    """An engine state of ``slots`` empty slots and a ``context``-token cache per slot."""
+KV_DTYPES = ("float32", "bfloat16")
+
+
+def init_state(cfg: LlamaConfig, slots: int, context: int, stop_width: int, kv_dtype: str = "float32") -> SlotState:
+    """An engine state of ``slots`` empty slots and a ``context``-token cache per slot (``kv_dtype`` entries)."""
     zeros = functools.partial(jnp.zeros, (slots,), jnp.int32)
     return SlotState(
-        cache=init_cache(cfg, slots, context), token=zeros(), active=jnp.zeros((slots,), jnp.bool_),
+        cache=init_cache(cfg, slots, context, dtype=jnp.dtype(kv_dtype)), token=zeros(),
+        active=jnp.zeros((slots,), jnp.bool_),
         count=zeros(), limit=zeros(), key=jnp.zeros((slots, 2), jnp.uint32), stop=zeros(),
         recent=jnp.full((slots, stop_width), -1, jnp.int32), out=jnp.zeros((slots, context), jnp.int32),
         logp=jnp.zeros((slots, context), jnp.float32),
@@ -289,12 +293,20 @@ class Engine:
         (and their KV cache rows) are split over every device, parameters are placed as training shards them
         (replicated, or split over ``fsdp``), and both jitted steps keep those shardings. Parameters already
         on the mesh (a GRPO run's) are not copied through the host. ``slots`` must divide evenly.
+      kv_dtype: ``"float32"`` (default: exact, the recorded log-probabilities equal a fresh forward pass) or
+        ``"bfloat16"``: keys and values are stored rounded to bf16 (attention still computes in fp32), half
+        the cache memory and half the memory traffic of a many-row decode step (docs/inference.md), at the
+        price of exactness: log-probabilities then differ from the forward pass by the rounding (GRPO keeps
+        fp32).
     """
 
     def __init__(self, cfg: LlamaConfig, params, *, slots: int, eos_id: int, context: int | None = None,
                  sampling: Sampling = GREEDY, stop_sequences: Sequence[Sequence[int]] = (), prompt_quantum: int = 32,
-                 aid=None, mesh=None):
+                 aid=None, mesh=None, kv_dtype: str = "float32"):
         self.cfg, self.params, self.sampling = cfg, unstack_layers(params), sampling
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        self.kv_dtype = kv_dtype
         self.slots, self.eos_id = slots, eos_id
         self.context = cfg.max_seq_len if context is None else context
         if not 2 <= self.context <= cfg.max_seq_len:
@@ -313,7 +325,7 @@ class Engine:
             table[m, width - len(s):] = s
             lens[m] = len(s)
         self._stop_table, self._stop_lens = jnp.asarray(table), jnp.asarray(lens)
-        self.state = init_state(cfg, slots, self.context, width)
+        self.state = init_state(cfg, slots, self.context, width, kv_dtype)
         self.mesh = mesh
         self._decode_fn, self._admit_fn = _decode, _admit
         if mesh is not None:

@@ -57,7 +57,8 @@ def _strip(result: dict, keep_tokens: bool) -> dict:
 def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunConfig, *, slots: int = 16,
              context: int | None = None, sampling: Sampling = GREEDY, out: str | Path | None = None,
              keep_tokens: bool = False, progress: bool = True, resume: bool = True, aid: str = "none",
-             backend: str | None = None, timeout: float = 120.0) -> tuple[list[dict], dict]:
+             backend: str | None = None, timeout: float = 120.0, kv_dtype: str = "float32"
+             ) -> tuple[list[dict], dict]:
     """Solve ``problems`` with the engine; returns the per-problem results (input order) and a summary.
 
     With ``out``, each result is appended to ``out.partial`` as its problem finishes; at the end the results
@@ -71,7 +72,8 @@ def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunCon
 
     ``backend`` (a URL) decodes on a remote completions server (SGLang, ``apr-jax serve``) through
     :class:`apr_jax.inference.remote.RemoteEngine` instead of the in-process engine; ``slots`` is then the
-    number of requests in flight. The aid needs the in-process engine.
+    number of requests in flight. The aid needs the in-process engine. ``kv_dtype`` is the in-process
+    engine's cache (:class:`apr_jax.inference.engine.Engine`; ``"bfloat16"`` halves its memory, not exact).
     """
     from apr_jax.data import tokenizer as tokenization
 
@@ -86,13 +88,14 @@ def evaluate(model_cfg, params, tokenizer, problems: Sequence[dict], run: RunCon
                               stop=[traces.JOIN_OPEN], concurrency=slots, timeout=timeout)
     else:
         engine = Engine(model_cfg, params, slots=slots, eos_id=eos, context=context, sampling=sampling,
-                        stop_sequences=[codec.ids(traces.JOIN_OPEN)], aid=make_aid(aid, codec))
+                        stop_sequences=[codec.ids(traces.JOIN_OPEN)], aid=make_aid(aid, codec), kv_dtype=kv_dtype)
     runtime = Runtime(engine, codec, run)
     keyed = [{**p, "id": p.get("id", i)} for i, p in enumerate(problems)]
     done: dict[object, dict] = {}
     partial = None if out is None else Path(str(out) + ".partial")
     settings = json.dumps({"run": dataclasses.asdict(run), "sampling": dataclasses.asdict(sampling),
-                           "context": engine.context, "aid": aid, "backend": backend}, sort_keys=True)
+                           "context": engine.context, "aid": aid, "backend": backend,
+                           **({"kv_dtype": kv_dtype} if kv_dtype != "float32" else {})}, sort_keys=True)
     if partial is not None:
         partial.parent.mkdir(parents=True, exist_ok=True)
         header = Path(str(partial) + ".json")

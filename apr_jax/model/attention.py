@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from apr_jax.model import cpu_kernels
+from apr_jax.model import kv_cache as kvc
 from apr_jax.model.config import LlamaConfig
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -258,7 +259,8 @@ def cached_attention(cfg: LlamaConfig, q_BTNH, k_LBKSH, v_LBKSH, layer, spec: Ma
     """
     b, t, n, h = q_BTNH.shape
     s = k_LBKSH.shape[3]
-    if t == 1 and q_BTNH.dtype == k_LBKSH.dtype == v_LBKSH.dtype == jnp.float32 and cpu_kernels.available():
+    if (t == 1 and q_BTNH.dtype == jnp.float32 and k_LBKSH.dtype == v_LBKSH.dtype
+            and k_LBKSH.dtype in cpu_kernels.CACHE_DTYPES and cpu_kernels.available()):
         # One new query per row (a decode step): on CPU, the fused kernel (one sweep per row and kv head)
         # instead of rows x heads tiny dots; other platforms keep the XLA path below. A cache never packs
         # segments, so visibility is the causal/valid limit alone.
@@ -301,8 +303,8 @@ def _cached_attention_xla(cfg: LlamaConfig, q_BTNH, k_LBKSH, v_LBKSH, layer, spe
             m_BKGQ, l_BKGQ, acc_BKGQH = carry
             lo = j * bk
             start = jnp.minimum(lo, s - bk)  # the last block may overlap the previous one; masked below
-            k_BKCH = jax.lax.dynamic_slice(k_LBKSH, (layer, 0, 0, start, 0), (1, b, kh, bk, h))[0]
-            v_BKCH = jax.lax.dynamic_slice(v_LBKSH, (layer, 0, 0, start, 0), (1, b, kh, bk, h))[0]
+            k_BKCH = kvc.entries(jax.lax.dynamic_slice(k_LBKSH, (layer, 0, 0, start, 0), (1, b, kh, bk, h))[0])
+            v_BKCH = kvc.entries(jax.lax.dynamic_slice(v_LBKSH, (layer, 0, 0, start, 0), (1, b, kh, bk, h))[0])
             k_seg_BC = jax.lax.dynamic_slice_in_dim(spec.k_seg_BS, start, bk, axis=1)
             k_slot_C = start + jnp.arange(bk)
             mask_BQC = (

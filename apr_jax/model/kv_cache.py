@@ -42,9 +42,35 @@ class KVCache:
         return self.k.shape[3]
 
 
+# A bfloat16 cache is stored as the uint16 bit patterns of its entries: XLA:CPU widens a bf16 scatter's
+# whole operand (the stacked cache) to fp32 and back at every decode step, and a bitcast around it is
+# materialised as copies too, while a uint16 scatter writes in place. :func:`entries` views them as bf16.
+BF16_BITS = jnp.uint16
+
+
+def storage_dtype(dtype) -> jnp.dtype:
+    """The array dtype that holds cache entries of ``dtype`` (float32 as is, bfloat16 as uint16 bits)."""
+    dtype = jnp.dtype(dtype)
+    if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(BF16_BITS)):
+        return jnp.dtype(BF16_BITS)
+    if dtype != jnp.dtype(jnp.float32):
+        raise ValueError(f"a KV cache holds float32 or bfloat16 entries, got {dtype}")
+    return dtype
+
+
+def entries(x: jax.Array) -> jax.Array:
+    """A cache array (or a slice of one) as numbers: float32 as is, uint16 bits as bfloat16."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == BF16_BITS else x
+
+
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None, dtype=jnp.float32) -> KVCache:
-    """An empty cache (all lengths 0) of ``batch`` rows of ``max_len`` slots (default ``cfg.max_seq_len``)."""
+    """An empty cache (all lengths 0) of ``batch`` rows of ``max_len`` slots (default ``cfg.max_seq_len``).
+
+    ``dtype``: float32 (exact), or bfloat16 (entries rounded to bf16: half the memory and memory traffic;
+    stored as uint16 bits, see :data:`BF16_BITS`).
+    """
     max_len = cfg.max_seq_len if max_len is None else max_len
+    dtype = storage_dtype(dtype)
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"init_cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
@@ -68,7 +94,10 @@ def write(
     slots_BT = jnp.where(steps_T[None, :] < num_new_B[:, None], slots_BT, max_len)  # out of range: dropped
     rows_B11 = jnp.arange(batch)[:, None, None]
     heads_1K1 = jnp.arange(heads)[None, :, None]
-    new_BKTH = new_BTKH.swapaxes(1, 2).astype(cache_LBKSH.dtype)
+    new_BKTH = new_BTKH.swapaxes(1, 2)
+    if cache_LBKSH.dtype == BF16_BITS:
+        new_BKTH = jax.lax.bitcast_convert_type(new_BKTH.astype(jnp.bfloat16), BF16_BITS)
+    new_BKTH = new_BKTH.astype(cache_LBKSH.dtype)
     return cache_LBKSH.at[layer, rows_B11, heads_1K1, slots_BT[:, None, :]].set(new_BKTH, mode="drop")
 
 

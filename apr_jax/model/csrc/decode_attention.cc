@@ -2,7 +2,10 @@
 //
 // One call handles every row and head of one layer: row b's query heads n = kh * G + g attend to the first
 // limit[b] key slots of kv head kh, read in place from the stacked cache [L, B, K, S, H] at layer
-// layer[0]. Exact softmax in fp32 (two passes over the row's scores); a row with limit 0 gets zeros.
+// layer[0]. Exact softmax in fp32 (two passes over the row's scores); a row with limit 0 gets zeros. The
+// cache holds fp32 or bf16 (also as u16 bit patterns), widened to fp32 on load (bf16 is the top half of an
+// fp32). Decoding many rows is bound by memory traffic through the cache (docs/inference.md), which a bf16
+// cache halves.
 // XLA:CPU runs the same computation as rows x heads tiny batched dots with a fixed cost per dot, which
 // is what makes many-row decoding slow there (docs/inference.md); here each (row, kv head) is one
 // contiguous sweep over its keys and values. Rows are split over XLA's intra-op thread pool.
@@ -10,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "parallel.h"
@@ -22,9 +26,18 @@ namespace {
 // Below this many multiply-adds per call, handing work to other threads costs more than it saves.
 constexpr int64_t kParallelWork = 1 << 16;
 
+inline float Widen(float x) { return x; }
+inline float Widen(uint16_t bf16) {  // bf16 -> fp32: the 16 bits are the top half of the fp32
+  const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
 // HD > 0: the head dimension as a compile-time constant (unrolled, vectorised dots); HD == 0: any head_dim.
-template <int64_t HD>
-void AttendRow(const float* __restrict q, const float* __restrict k, const float* __restrict v,
+// T: the cache's storage type (float, or uint16_t holding bf16).
+template <typename T, int64_t HD>
+void AttendRow(const float* __restrict q, const T* __restrict k, const T* __restrict v,
                float* __restrict out, int64_t limit, int64_t groups, int64_t head_dim_arg, float scale,
                std::vector<float>& scores) {
   // q, out: [G, H] of this (row, kv head); k, v: [S, H] of this (layer, row, kv head).
@@ -38,9 +51,9 @@ void AttendRow(const float* __restrict q, const float* __restrict k, const float
     const float* __restrict qg = q + g * head_dim;
     float* __restrict sg = scores.data() + g * limit;
     for (int64_t s = 0; s < limit; ++s) {
-      const float* __restrict ks = k + s * head_dim;
+      const T* __restrict ks = k + s * head_dim;
       float dot = 0.0f;
-      for (int64_t h = 0; h < head_dim; ++h) dot += qg[h] * ks[h];
+      for (int64_t h = 0; h < head_dim; ++h) dot += qg[h] * Widen(ks[h]);
       sg[s] = dot * scale;
     }
     float max_score = sg[0];
@@ -54,9 +67,9 @@ void AttendRow(const float* __restrict q, const float* __restrict k, const float
     float* __restrict og = HD > 0 ? acc : out + g * head_dim;
     std::fill(og, og + head_dim, 0.0f);
     for (int64_t s = 0; s < limit; ++s) {
-      const float* __restrict vs = v + s * head_dim;
+      const T* __restrict vs = v + s * head_dim;
       const float p = sg[s];
-      for (int64_t h = 0; h < head_dim; ++h) og[h] += p * vs[h];
+      for (int64_t h = 0; h < head_dim; ++h) og[h] += p * Widen(vs[h]);
     }
     const float inv = 1.0f / total;
     float* __restrict dst = out + g * head_dim;
@@ -64,42 +77,27 @@ void AttendRow(const float* __restrict q, const float* __restrict k, const float
   }
 }
 
-using AttendFn = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, float,
+template <typename T>
+using AttendFn = void (*)(const float*, const T*, const T*, float*, int64_t, int64_t, int64_t, float,
                           std::vector<float>&);
 
-AttendFn SelectAttend(int64_t head_dim) {
+template <typename T>
+AttendFn<T> SelectAttend(int64_t head_dim) {
   switch (head_dim) {
-    case 32: return AttendRow<32>;
-    case 64: return AttendRow<64>;
-    case 128: return AttendRow<128>;
-    default: return AttendRow<0>;
+    case 32: return AttendRow<T, 32>;
+    case 64: return AttendRow<T, 64>;
+    case 128: return AttendRow<T, 128>;
+    default: return AttendRow<T, 0>;
   }
 }
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer,
-                               ffi::Buffer<ffi::S32> limit, ffi::ResultBuffer<ffi::F32> out, float scale) {
-  auto qd = q.dimensions();  // [B, N, H]
-  auto kd = k.dimensions();  // [L, B, K, S, H]
-  if (qd.size() != 3 || kd.size() != 5) {
-    return ffi::Error::InvalidArgument("decode_attention: q must be [B, N, H] and the cache [L, B, K, S, H]");
-  }
-  const int64_t rows = qd[0], heads = qd[1], head_dim = qd[2];
-  const int64_t layers = kd[0], kv_heads = kd[2], slots = kd[3];
-  if (kd[1] != rows || kd[4] != head_dim || heads % kv_heads != 0 || limit.element_count() != rows) {
-    return ffi::Error::InvalidArgument("decode_attention: shapes of q, cache and limits do not agree");
-  }
-  const int64_t l = layer.typed_data()[0];
-  if (l < 0 || l >= layers) return ffi::Error::InvalidArgument("decode_attention: layer out of range");
+template <typename T>
+void AttendAll(ffi::ThreadPool& pool, const float* qp, const T* kp, const T* vp, const int32_t* lim, float* op,
+               int64_t rows, int64_t heads, int64_t head_dim, int64_t kv_heads, int64_t slots, int64_t l,
+               float scale) {
   const int64_t groups = heads / kv_heads;
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
-  const int32_t* lim = limit.typed_data();
-  float* op = out->typed_data();
   const int64_t units = rows * kv_heads;
-  const AttendFn attend = SelectAttend(head_dim);
-
+  const AttendFn<T> attend = SelectAttend<T>(head_dim);
   int64_t keys = 0;
   for (int64_t b = 0; b < rows; ++b) keys += std::min<int64_t>(std::max<int32_t>(lim[b], 0), slots);
   // One unit = one (row, kv head).
@@ -111,6 +109,38 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
     const int64_t q_off = (b * heads + kh * groups) * head_dim;
     attend(qp + q_off, kp + cache_off, vp + cache_off, op + q_off, n, groups, head_dim, scale, scores);
   });
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> limit,
+                               ffi::ResultBuffer<ffi::F32> out, float scale) {
+  auto qd = q.dimensions();  // [B, N, H]
+  auto kd = k.dimensions();  // [L, B, K, S, H]
+  if (qd.size() != 3 || kd.size() != 5) {
+    return ffi::Error::InvalidArgument("decode_attention: q must be [B, N, H] and the cache [L, B, K, S, H]");
+  }
+  const int64_t rows = qd[0], heads = qd[1], head_dim = qd[2];
+  const int64_t layers = kd[0], kv_heads = kd[2], slots = kd[3];
+  if (kd[1] != rows || kd[4] != head_dim || heads % kv_heads != 0 || limit.element_count() != rows ||
+      v.element_count() != k.element_count()) {
+    return ffi::Error::InvalidArgument("decode_attention: shapes of q, cache and limits do not agree");
+  }
+  const ffi::DataType type = k.element_type();
+  if (v.element_type() != type ||
+      (type != ffi::DataType::F32 && type != ffi::DataType::BF16 && type != ffi::DataType::U16)) {
+    return ffi::Error::InvalidArgument("decode_attention: the cache must be float32, bfloat16 or uint16 (bf16 bits), keys as values");
+  }
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= layers) return ffi::Error::InvalidArgument("decode_attention: layer out of range");
+  if (type == ffi::DataType::F32) {
+    AttendAll(pool, q.typed_data(), static_cast<const float*>(k.untyped_data()),
+              static_cast<const float*>(v.untyped_data()), limit.typed_data(), out->typed_data(), rows, heads,
+              head_dim, kv_heads, slots, l, scale);
+  } else {
+    AttendAll(pool, q.typed_data(), static_cast<const uint16_t*>(k.untyped_data()),
+              static_cast<const uint16_t*>(v.untyped_data()), limit.typed_data(), out->typed_data(), rows, heads,
+              head_dim, kv_heads, slots, l, scale);
+  }
   return ffi::Error::Success();
 }
 
@@ -120,8 +150,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AprDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
