@@ -286,3 +286,25 @@ def test_load_run_errors_name_the_directory(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoints"):
         load_run(tmp_path)
     shutil.rmtree(tmp_path)
+
+
+def test_init_from_another_run_starts_from_its_parameters_with_a_fresh_optimizer(data_dir, tmp_path):
+    model, one = tiny_model(VOCAB), jax.devices()[:1]
+    sft.train(model, _cfg(steps=4), data_dir, "apr", tmp_path / "base", devices=one)
+    base = _final_params(tmp_path / "base")
+    # a learning rate of ~0 keeps the parameters where they start: they must be the base run's
+    still = _cfg(steps=1, init_lr=1e-12, peak_lr=1e-12, end_lr=1e-12, warmup_steps=0, weight_decay=0.0)
+    out = sft.train(model, still, data_dir, "apr", tmp_path / "tuned", devices=one, init_from=tmp_path / "base")
+    assert out["start_step"] == 0 and out["final_step"] == 1  # its own schedule, from step 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-8), base, _final_params(tmp_path / "tuned"))
+    record = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert record["init"] == {"run": str((tmp_path / "base").absolute()), "method": "apr", "step": 4}
+    sft.train(model, still, data_dir, "apr", tmp_path / "fresh", devices=one)  # no init: random parameters
+    assert not np.allclose(jax.tree.leaves(base)[0], jax.tree.leaves(_final_params(tmp_path / "fresh"))[0])
+    # a resumed run keeps its own checkpoints and its init record
+    sft.train(model, dataclasses.replace(still, steps=2), data_dir, "apr", tmp_path / "tuned", resume=True,
+              devices=one, init_from=tmp_path / "base")
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["init"]["step"] == 4
+    with pytest.raises(ValueError, match="model config differs in hidden_size"):
+        sft.train(dataclasses.replace(model, hidden_size=32), still, data_dir, "apr", tmp_path / "other",
+                  devices=one, init_from=tmp_path / "base")

@@ -165,14 +165,16 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def write_run_config(run_dir: str | Path, *, preset: str | None, method: str, model_cfg, sft_cfg,
-                     data_dir: str | Path) -> dict:
-    """Write ``RUN_DIR/config.json`` (preset name, method, model and train configs, data directory)."""
+                     data_dir: str | Path, init: dict | None = None) -> dict:
+    """Write ``RUN_DIR/config.json`` (preset name, method, model and train configs, data directory, and
+    ``init``: the run and step the parameters started from, when not from a random initialisation)."""
     record = {
         "preset": preset,
         "method": method,
         "model": dataclasses.asdict(model_cfg),
         "train": sft_cfg.to_dict(),
         "data_dir": str(Path(data_dir).absolute()),
+        **({"init": init} if init else {}),
     }
     path = Path(run_dir) / CONFIG_FILE
     tmp = path.with_suffix(".json.tmp")

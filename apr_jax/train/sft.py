@@ -32,7 +32,7 @@ from apr_jax.model.config import LlamaConfig
 from apr_jax.train import data as data_lib
 from apr_jax.train import sharding as sh
 from apr_jax.train.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, RunCheckpointer, abstract_like,
-                                      check_resume_config, load_run, write_run_config)  # noqa: F401
+                                      check_resume_config, load_run, read_run_config, write_run_config)  # noqa: F401
 from apr_jax.train.config import SFTConfig
 from apr_jax.train.metrics import MetricsWriter, plot_losses, truncate_metrics
 
@@ -267,6 +267,32 @@ def _restore_or_init(checkpointer: RunCheckpointer, fns: Compiled, model_cfg: Ll
     return state, {"step": 0, "nonfinite": 0, "data": None, "tokens_seen": 0}
 
 
+def check_init_run(init_from: str | Path, model_cfg: LlamaConfig, data_dir: str | Path) -> dict:
+    """Checks that ``init_from`` is a run this model can start from; returns the ``init`` record."""
+    init_dir = Path(init_from)
+    old = read_run_config(init_dir)
+    new_model = dataclasses.asdict(model_cfg)
+    diff = sorted(k for k in set(old["model"]) | set(new_model) if old["model"].get(k) != new_model.get(k))
+    if diff:
+        raise ValueError(f"cannot start from {init_dir}: its model config differs in {', '.join(diff)}")
+    ours, theirs = Path(data_dir) / "tokenizer.json", init_dir / "tokenizer.json"
+    if ours.exists() and theirs.exists() and ours.read_bytes() != theirs.read_bytes():
+        raise ValueError(f"cannot start from {init_dir}: its tokenizer.json differs from {ours} (the token ids "
+                         "would mean other things)")
+    return {"run": str(init_dir.absolute()), "method": old.get("method"), "step": None}
+
+
+def _init_params_from(state: TrainState, fns: Compiled, init_from: str | Path, step: int | None
+                      ) -> tuple[TrainState, int]:
+    """``state`` with the parameters of ``init_from``'s checkpoint (placed as training shards them) and a
+    fresh optimizer state for them; returns the state and the checkpoint's step."""
+    abstract = jax.eval_shape(lambda: state.params)
+    checkpointer = RunCheckpointer(Path(init_from) / CHECKPOINT_DIR, read_only=True)
+    restored, items = checkpointer.restore(abstract_like(abstract, fns.state_shardings.params), step=step)
+    log.info("parameters from %s step %d (fresh optimizer state and schedule)", init_from, restored)
+    return state._replace(params=items["params"], opt_state=fns.init_opt(items["params"])), restored
+
+
 def _summarise_interval(host: list[dict], steps: list[int]) -> tuple[dict, list[int]]:
     """Reduce the per-step metrics of a log interval; returns the record and the skipped steps."""
     ok = np.array([bool(m["ok"]) for m in host])
@@ -304,8 +330,14 @@ def save_nonfinite_batch(run_dir: Path, step: int, batch: dict) -> Path:
 
 def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, method: str, out_dir: str | Path,
           resume: bool = False, *, preset: str | None = None,
-          step_callback: Callable[[int], None] | None = None, devices: list | None = None) -> dict:
+          step_callback: Callable[[int], None] | None = None, devices: list | None = None,
+          init_from: str | Path | None = None, init_step: int | None = None) -> dict:
     """Run (or, with ``resume``, continue) SFT on ``DATA/arrays/{method}_{train,val}`` into ``out_dir``.
+
+    ``init_from``: start from the parameters of another run's newest checkpoint (or ``init_step``) instead
+    of a random initialisation, with a fresh optimizer state and schedule (fine-tuning, e.g. an APR model
+    from an SoS+ one). The model configs and vocabularies must agree; ``config.json`` records the run and
+    step. A resumed run continues from its own checkpoints and ignores ``init_from``.
 
     Metrics are read from the device only every ``log_every`` steps. SIGTERM / Ctrl-C stop the run after
     the current step with a checkpoint. ``step_callback(step)`` is called on the host after each step is
@@ -331,13 +363,18 @@ def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, meth
     if not resume and ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
         raise FileExistsError(f"{run_dir.absolute()} already holds checkpoints: pass resume=True to continue "
                               "that run, or choose a new output directory")
+    init_record = None
     if resume and (run_dir / CONFIG_FILE).exists():
         check_resume_config(run_dir, model_cfg, sft_cfg)
+        init_record = read_run_config(run_dir).get("init")
+    starts_fresh = not (resume and ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()))
+    if init_from is not None and starts_fresh:
+        init_record = check_init_run(init_from, model_cfg, data_dir)
     primary = jax.process_index() == 0  # multi-process jobs: one process writes the run's files
     run_dir.mkdir(parents=True, exist_ok=True)
     if primary:
         write_run_config(run_dir, preset=preset, method=method, model_cfg=model_cfg, sft_cfg=sft_cfg,
-                         data_dir=data_dir)
+                         data_dir=data_dir, init=init_record)
         if (Path(data_dir) / "tokenizer.json").exists():
             shutil.copyfile(Path(data_dir) / "tokenizer.json", run_dir / "tokenizer.json")
     warning = data_lib.truncation_report(train_src.lengths, sft_cfg.seq_len)
@@ -351,6 +388,11 @@ def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, meth
     fns = compile_fns(model_cfg, sft_cfg, total, mesh)
     checkpointer = RunCheckpointer(ckpt_dir, keep=sft_cfg.keep_checkpoints)
     state, record = _restore_or_init(checkpointer, fns, model_cfg, sft_cfg, resume)
+    if init_from is not None and starts_fresh:
+        state, init_record["step"] = _init_params_from(state, fns, init_from, init_step)
+        if primary:
+            write_run_config(run_dir, preset=preset, method=method, model_cfg=model_cfg, sft_cfg=sft_cfg,
+                             data_dir=data_dir, init=init_record)
     step, start_step = int(record["step"]), int(record["step"])
     tokens_seen, nonfinite = int(record.get("tokens_seen", 0)), int(record.get("nonfinite", 0))
     if primary:
