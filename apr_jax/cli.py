@@ -273,9 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, help="the SFT run folder to start from (and keep as reference)")
     p.add_argument("--out", required=True, help="RL run folder (checkpoints, metrics.jsonl, rl.png)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--init", help="start from the parameters of this run folder's checkpoint (fresh optimizer and "
-                   "schedule; same model config and vocabulary), e.g. an APR model from an SoS+ one")
-    p.add_argument("--init-step", type=int, help="the --init checkpoint's step (default: its newest)")
     p.add_argument("--steps", type=int)
     p.add_argument("--problems-per-step", type=int)
     p.add_argument("--group-size", type=int, help="rollouts per problem (G)")
