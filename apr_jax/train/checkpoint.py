@@ -209,11 +209,16 @@ def load_run(run_dir: str | Path, step: int | None = None):
     return model_cfg, items["params"]
 
 
+def model_config_diff(record: dict, model_cfg) -> list[str]:
+    """The model-config fields in which a run's ``config.json`` record differs from ``model_cfg``."""
+    new_model = dataclasses.asdict(model_cfg)
+    return sorted(k for k in set(record["model"]) | set(new_model) if record["model"].get(k) != new_model.get(k))
+
+
 def check_resume_config(run_dir: Path, model_cfg, cfg) -> None:
     """Resuming needs the same model config (error); changed train fields only warn."""
     old = read_run_config(run_dir)
-    new_model = dataclasses.asdict(model_cfg)
-    diff = sorted(k for k in set(old["model"]) | set(new_model) if old["model"].get(k) != new_model.get(k))
+    diff = model_config_diff(old, model_cfg)
     if diff:
         raise ValueError(f"cannot resume {run_dir}: model config differs in {', '.join(diff)}")
     new_train = cfg.to_dict()

@@ -32,7 +32,8 @@ from apr_jax.model.config import LlamaConfig
 from apr_jax.train import data as data_lib
 from apr_jax.train import sharding as sh
 from apr_jax.train.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, RunCheckpointer, abstract_like,
-                                      check_resume_config, load_run, read_run_config, write_run_config)  # noqa: F401
+                                      check_resume_config, load_run, model_config_diff, read_run_config,
+                                      write_run_config)  # noqa: F401
 from apr_jax.train.config import SFTConfig
 from apr_jax.train.metrics import MetricsWriter, plot_losses, truncate_metrics
 
@@ -271,8 +272,7 @@ def check_init_run(init_from: str | Path, model_cfg: LlamaConfig, data_dir: str 
     """Checks that ``init_from`` is a run this model can start from; returns the ``init`` record."""
     init_dir = Path(init_from)
     old = read_run_config(init_dir)
-    new_model = dataclasses.asdict(model_cfg)
-    diff = sorted(k for k in set(old["model"]) | set(new_model) if old["model"].get(k) != new_model.get(k))
+    diff = model_config_diff(old, model_cfg)
     if diff:
         raise ValueError(f"cannot start from {init_dir}: its model config differs in {', '.join(diff)}")
     ours, theirs = Path(data_dir) / "tokenizer.json", init_dir / "tokenizer.json"
