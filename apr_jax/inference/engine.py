@@ -306,7 +306,6 @@ class Engine:
         self.cfg, self.params, self.sampling = cfg, unstack_layers(params), sampling
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
-        self.kv_dtype = kv_dtype
         self.slots, self.eos_id = slots, eos_id
         self.context = cfg.max_seq_len if context is None else context
         if not 2 <= self.context <= cfg.max_seq_len:

@@ -147,14 +147,12 @@ def decode_attention(q_BNH: jax.Array, k_LBKSH: jax.Array, v_LBKSH: jax.Array, l
     """Query ``q_BNH`` of each row attends to the first ``limit_B[b]`` slots of ``layer`` of the cache.
 
     Exact softmax attention in fp32 over a float32 or bfloat16 cache (widened on load; a uint16 cache holds
-    bf16 bit patterns, :data:`apr_jax.model.kv_cache.BF16_BITS`); a row with limit 0
-    gets zeros. CPU only: call under ``lax.platform_dependent`` (or after checking the backend) and only when
-    :func:`available`.
+    bf16 bit patterns, :data:`apr_jax.model.kv_cache.BF16_BITS`); a row with limit 0 gets zeros. CPU only:
+    call under ``lax.platform_dependent`` (or after checking the backend) and only when :func:`available`.
     """
     if q_BNH.dtype != jnp.float32 or k_LBKSH.dtype != v_LBKSH.dtype or k_LBKSH.dtype not in CACHE_DTYPES:
-        raise TypeError(f"decode_attention takes float32 queries and a float32 or bfloat16 (or uint16 bits) cache, got "
-                        f"queries "
-                        f"{q_BNH.dtype}, keys {k_LBKSH.dtype}, values {v_LBKSH.dtype}")
+        raise TypeError("decode_attention takes float32 queries and a float32 or bfloat16 (or uint16 bits) cache, "
+                        f"got queries {q_BNH.dtype}, keys {k_LBKSH.dtype}, values {v_LBKSH.dtype}")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q_BNH.shape, jnp.float32),
                             vmap_method="sequential")
     return call(q_BNH, k_LBKSH, v_LBKSH, jnp.asarray(layer, jnp.int32), limit_B.astype(jnp.int32),

@@ -63,6 +63,13 @@ def entries(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == BF16_BITS else x
 
 
+def stored(x: jax.Array, storage) -> jax.Array:
+    """Numbers as a cache of ``storage`` dtype holds them (the inverse of :func:`entries`, rounding to bf16)."""
+    if storage == BF16_BITS:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), BF16_BITS)
+    return x.astype(storage)
+
+
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None, dtype=jnp.float32) -> KVCache:
     """An empty cache (all lengths 0) of ``batch`` rows of ``max_len`` slots (default ``cfg.max_seq_len``).
 
@@ -94,10 +101,7 @@ def write(
     slots_BT = jnp.where(steps_T[None, :] < num_new_B[:, None], slots_BT, max_len)  # out of range: dropped
     rows_B11 = jnp.arange(batch)[:, None, None]
     heads_1K1 = jnp.arange(heads)[None, :, None]
-    new_BKTH = new_BTKH.swapaxes(1, 2)
-    if cache_LBKSH.dtype == BF16_BITS:
-        new_BKTH = jax.lax.bitcast_convert_type(new_BKTH.astype(jnp.bfloat16), BF16_BITS)
-    new_BKTH = new_BKTH.astype(cache_LBKSH.dtype)
+    new_BKTH = stored(new_BTKH.swapaxes(1, 2), cache_LBKSH.dtype)
     return cache_LBKSH.at[layer, rows_B11, heads_1K1, slots_BT[:, None, :]].set(new_BKTH, mode="drop")
 
 

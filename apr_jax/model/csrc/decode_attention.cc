@@ -128,7 +128,8 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   const ffi::DataType type = k.element_type();
   if (v.element_type() != type ||
       (type != ffi::DataType::F32 && type != ffi::DataType::BF16 && type != ffi::DataType::U16)) {
-    return ffi::Error::InvalidArgument("decode_attention: the cache must be float32, bfloat16 or uint16 (bf16 bits), keys as values");
+    return ffi::Error::InvalidArgument(
+        "decode_attention: the cache must be float32, bfloat16 or uint16 (bf16 bits), keys as values");
   }
   const int64_t l = layer.typed_data()[0];
   if (l < 0 || l >= layers) return ffi::Error::InvalidArgument("decode_attention: layer out of range");
