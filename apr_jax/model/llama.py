@@ -32,8 +32,10 @@ def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[j
     """``(sin_BTH, cos_BTH)`` for the HF convention (frequencies repeated over the two halves)."""
     inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles_BTH2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_H2
-    angles_BTH = jnp.concatenate([angles_BTH2, angles_BTH2], axis=-1)
-    return jnp.sin(angles_BTH), jnp.cos(angles_BTH)
+    # sin/cos of each frequency once, then repeated: the same values for half the transcendental calls
+    # (XLA:CPU evaluates them one element at a time, visible in a many-row decode step)
+    sin_BTH2, cos_BTH2 = jnp.sin(angles_BTH2), jnp.cos(angles_BTH2)
+    return jnp.concatenate([sin_BTH2, sin_BTH2], axis=-1), jnp.concatenate([cos_BTH2, cos_BTH2], axis=-1)
 
 
 def apply_rope(x_BTNH: jax.Array, sin_BTH: jax.Array, cos_BTH: jax.Array) -> jax.Array:
