@@ -1,6 +1,6 @@
 """``apr-jax demo``: the whole pipeline on one preset, from a seed to a report.
 
-data -> SFT SoS+ and APR -> evaluate both (plain, and with the labelled arithmetic aid) -> same-context
+data -> SFT SoS+ and APR -> probe what each learned (teacher-forced) -> evaluate both (plain, and with the labelled arithmetic aid) -> same-context
 sweep, self-consistency -> GRPO the APR model (short) -> evaluate again -> ``report.md`` + PNG plots.
 
 Every stage writes its outputs under one folder and a marker ``stages/<name>.json`` (its wall time and
@@ -73,12 +73,12 @@ FULL = Plan("full", None, None, sft_steps=200, sft_batch=4, sft_seq_len=None, ev
             rl_steps=2, rl_problems_per_step=4, rl_group_size=4,
             # measured stage times of a quiet full run (docs/experiments.md): SFT 23 and 16 min, evaluations
             # 1.2-6.2 min, sweep points 0.4-1.7, self-consistency 1.8, GRPO 4.6
-            estimates_s=(("data", 85), ("sft", 1150), ("eval", 200), ("sweep", 60), ("sc", 110), ("rl", 280),
+            estimates_s=(("data", 85), ("sft", 1150), ("probe", 60), ("eval", 200), ("sweep", 60), ("sc", 110), ("rl", 280),
                          ("report", 10)))
 QUICK = Plan("quick", 2_000, 100, sft_steps=24, sft_batch=4, sft_seq_len=1024, eval_problems=8, eval_context=512,
              max_total_tokens=2048, sweep_contexts=(256,), sweep_problems=8, sc_samples=2, sc_problems=4, rl_steps=1,
              rl_problems_per_step=2, rl_group_size=2, slots=16,
-             estimates_s=(("data", 10), ("sft", 150), ("eval", 30), ("sweep", 15), ("sc", 30), ("rl", 90),
+             estimates_s=(("data", 10), ("sft", 150), ("probe", 15), ("eval", 30), ("sweep", 15), ("sc", 30), ("rl", 90),
                           ("report", 5)))
 PLANS = {"full": FULL, "quick": QUICK}
 
@@ -147,6 +147,28 @@ class Demo:
             raise KeyboardInterrupt(f"SFT {method} interrupted at step {summary['final_step']} (checkpoint saved)")
         return {k: summary[k] for k in ("steps", "final_step", "train_loss", "val_loss", "tokens_seen", "wall_s")}
 
+    def _probe(self) -> dict:
+        """Teacher-forced accuracy of both SFT models by kind of trace token (:mod:`apr_jax.train.probe`).
+
+        On the first ``eval_problems`` validation sequences of each method: what a model has learned on the
+        way (format, copying, arithmetic, retrieval) while its greedy accuracy may still be 0.
+        """
+        import numpy as np
+
+        from apr_jax.data.arrays import TokenArraySource
+        from apr_jax.data.tokenizer import special_ids
+        from apr_jax.inference.evaluate import load_run_model
+        from apr_jax.train.probe import model_predictor, probe
+
+        out = {}
+        for method in ("sosp", "apr"):
+            cfg, params, tok = load_run_model(self.sft_dir(method))
+            source = TokenArraySource(self.data_dir / "arrays" / f"{method}_val")
+            seqs = [np.asarray(source[i]) for i in range(min(self.plan.eval_problems, len(source)))]
+            out[method] = {"sequences": len(seqs),
+                           "kinds": probe(model_predictor(cfg, params), tok, seqs, pad_id=special_ids(tok)[0])}
+        return out
+
     def _rl(self) -> dict:
         from apr_jax.rl import grpo
         from apr_jax.rl.config import METHOD_KL_BETA
@@ -192,7 +214,8 @@ class Demo:
         sosp, apr = self.sft_dir("sosp"), self.sft_dir("apr")
         out = [Stage("data", "data", self._data),
                Stage("sft_sosp", "sft", lambda: self._sft("sosp")),
-               Stage("sft_apr", "sft", lambda: self._sft("apr"))]
+               Stage("sft_apr", "sft", lambda: self._sft("apr")),
+               Stage("probe_sft", "probe", self._probe)]
         for label, aid_name in (("plain", "none"), ("aided", aid)):
             for method, run_dir in (("sosp", sosp), ("apr", apr)):
                 name = f"{method}_sft_{label}"
@@ -237,9 +260,10 @@ class Demo:
         plan_file.write_text(json.dumps(record, indent=1) + "\n")
         estimates = dict(self.plan.estimates_s)
         stages = self.stages()
-        t0, spent_est, spent = time.perf_counter(), 0.0, 0.0
+        t0, spent_est, spent, ran = time.perf_counter(), 0.0, 0.0, False
         for i, stage in enumerate(stages, 1):
-            if self.done(stage.name) is not None:
+            # the report is rewritten whenever a stage before it ran (e.g. one added to an older run folder)
+            if self.done(stage.name) is not None and not (ran and stage.kind == "report"):
                 log(f"[{i}/{len(stages)}] {stage.name}: done, skipped")
                 continue
             left = sum(estimates.get(s.kind, 0) for s in stages[i - 1:] if self.done(s.name) is None)
@@ -247,6 +271,7 @@ class Demo:
             log(f"[{i}/{len(stages)}] {stage.name} (about {left * scale / 60:.0f} min left for the demo)")
             t = time.perf_counter()
             summary = stage.run()
+            ran = True
             wall = time.perf_counter() - t
             if wall > 0.1 * estimates.get(stage.kind, 0):  # a stage resumed from finished work says nothing
                 spent, spent_est = spent + wall, spent_est + estimates.get(stage.kind, wall)

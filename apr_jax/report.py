@@ -27,6 +27,16 @@ PAPER = {
 }
 
 
+PROBE_KINDS = (("other", "format: line openings, brackets, markers"),
+               ("operator", "the operator of an explored operation"),
+               ("operands", "the operands (partly the search's random choice)"),
+               ("operand_in_state", "first operand is a number of the current state (copying)"),
+               ("result", "the result after `=` (arithmetic)"),
+               ("resulting", "the resulting list (copy the state minus operands, plus the result)"),
+               ("generated", "a `Generated Node` line (copy of the line above)"),
+               ("state", "a `Current State` line (retrieval of an earlier node)"))
+
+
 def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -221,6 +231,16 @@ def write_report(demo) -> Path:
             val = "n/a" if s.get("val_loss") is None else f"{s['val_loss']:.3f}"
             lines.append(f"- SFT {label}: {s['final_step']} steps of {plan.sft_batch}, {s['tokens_seen']:,} tokens, "
                          f"train loss {train}, validation loss {val}, {walls[f'sft_{m}'] / 60:.0f} min")
+    probed = (demo.done("probe_sft") or {}).get("summary")
+    if probed:
+        lines += ["", "## What the SFT models learned (teacher-forced)", "",
+                  "Top-1 accuracy of each next token given the true prefix, by kind of token, on the first "
+                  f"{probed['sosp']['sequences']} SoS+ / {probed['apr']['sequences']} APR validation sequences "
+                  "(`apr_jax.train.probe`): greedy accuracy stays 0 until every one of these is near 1.", "",
+                  "| kind of token | what it measures | SoS+ | APR |", "|---|---|---|---|"]
+        for kind, meaning in PROBE_KINDS:
+            cells = [probed[m]["kinds"].get(kind, {}).get("accuracy") for m in ("sosp", "apr")]
+            lines.append(f"| {kind} | {meaning} | " + " | ".join("n/a" if c is None else f"{c:.2f}" for c in cells) + " |")
     lines += ["", f"## 1. Accuracy ({plan.eval_context or model.max_seq_len} tokens per thread)", "",
               "| run | accuracy | total tokens | sequential tokens | children | wall s/problem (batched) |",
               "|---|---|---|---|---|---|"]

@@ -22,6 +22,13 @@ def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     for heading in ("## 1. Accuracy (128 tokens per thread)", "## 2. Same context", "## 3. Compute scaling", "## 4. Sequential", "## 5. Effect of RL"):
         assert heading in text
     assert "not run" not in text
+    assert "## What the SFT models learned (teacher-forced)" in text
+    probed = json.loads((out / "stages" / "probe_sft.json").read_text())["summary"]
+    for method in ("sosp", "apr"):
+        assert probed[method]["sequences"] == PLAN.eval_problems
+        kinds = probed[method]["kinds"]
+        assert kinds["other"]["tokens"] > 0 and 0.0 <= kinds["other"]["accuracy"] <= 1.0
+        assert "| result | the result after `=` (arithmetic) |" in text
     results = json.loads((out / "results.json").read_text())
     assert set(results["evaluations"]) == {
         "sosp_sft_plain", "apr_sft_plain", "sosp_sft_aided", "apr_sft_aided", "sosp_sft_aided_ctx64",
@@ -42,6 +49,12 @@ def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     third = []
     demo.Demo(preset, PLAN, out, workers=1, progress=False).run(log=third.append)
     assert [line for line in third if "skipped" not in line][0].startswith(f"[{len(again) - 1}/")
+
+    (out / "stages" / "probe_sft.json").unlink()  # an earlier stage that runs again rewrites the report too
+    fourth = []
+    demo.Demo(preset, PLAN, out, workers=1, progress=False).run(log=fourth.append)
+    ran = [line.split("]")[1].split()[0] for line in fourth if line.startswith("[") and "skipped" not in line]
+    assert ran == ["probe_sft", "report"]
 
     with pytest.raises(ValueError, match="another preset or plan"):
         demo.Demo(preset, dataclasses.replace(PLAN, sft_steps=4), out).run(log=lambda _: None)
