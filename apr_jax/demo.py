@@ -1,7 +1,8 @@
 """``apr-jax demo``: the whole pipeline on one preset, from a seed to a report.
 
-data -> SFT SoS+ and APR -> probe what each learned (teacher-forced) -> evaluate both (plain, and with the labelled arithmetic aid) -> same-context
-sweep, self-consistency -> GRPO the APR model (short) -> evaluate again -> ``report.md`` + PNG plots.
+data -> SFT SoS+ and APR -> probe what each learned (teacher-forced) -> evaluate both (plain, and with the
+labelled arithmetic aid) -> same-context sweep, self-consistency -> GRPO the APR model (short) -> evaluate
+again -> ``report.md`` + PNG plots.
 
 Every stage writes its outputs under one folder and a marker ``stages/<name>.json`` (its wall time and
 summary) when it completes; a rerun skips completed stages and resumes an interrupted one (SFT and GRPO
@@ -73,13 +74,13 @@ FULL = Plan("full", None, None, sft_steps=200, sft_batch=4, sft_seq_len=None, ev
             rl_steps=2, rl_problems_per_step=4, rl_group_size=4,
             # measured stage times of a quiet full run (docs/experiments.md): SFT 23 and 16 min, evaluations
             # 1.2-6.2 min, sweep points 0.4-1.7, self-consistency 1.8, GRPO 4.6
-            estimates_s=(("data", 85), ("sft", 1150), ("probe", 60), ("eval", 200), ("sweep", 60), ("sc", 110), ("rl", 280),
-                         ("report", 10)))
+            estimates_s=(("data", 85), ("sft", 1150), ("probe", 30), ("eval", 200), ("sweep", 60), ("sc", 110),
+                         ("rl", 280), ("report", 10)))
 QUICK = Plan("quick", 2_000, 100, sft_steps=24, sft_batch=4, sft_seq_len=1024, eval_problems=8, eval_context=512,
              max_total_tokens=2048, sweep_contexts=(256,), sweep_problems=8, sc_samples=2, sc_problems=4, rl_steps=1,
              rl_problems_per_step=2, rl_group_size=2, slots=16,
-             estimates_s=(("data", 10), ("sft", 150), ("probe", 15), ("eval", 30), ("sweep", 15), ("sc", 30), ("rl", 90),
-                          ("report", 5)))
+             estimates_s=(("data", 10), ("sft", 150), ("probe", 15), ("eval", 30), ("sweep", 15), ("sc", 30),
+                          ("rl", 90), ("report", 5)))
 PLANS = {"full": FULL, "quick": QUICK}
 
 
@@ -153,20 +154,14 @@ class Demo:
         On the first ``eval_problems`` validation sequences of each method: what a model has learned on the
         way (format, copying, arithmetic, retrieval) while its greedy accuracy may still be 0.
         """
-        import numpy as np
-
-        from apr_jax.data.arrays import TokenArraySource
-        from apr_jax.data.tokenizer import special_ids
         from apr_jax.inference.evaluate import load_run_model
-        from apr_jax.train.probe import model_predictor, probe
+        from apr_jax.train.probe import probe_checkpoint, validation_sequences
 
         out = {}
         for method in ("sosp", "apr"):
             cfg, params, tok = load_run_model(self.sft_dir(method))
-            source = TokenArraySource(self.data_dir / "arrays" / f"{method}_val")
-            seqs = [np.asarray(source[i]) for i in range(min(self.plan.eval_problems, len(source)))]
-            out[method] = {"sequences": len(seqs),
-                           "kinds": probe(model_predictor(cfg, params), tok, seqs, pad_id=special_ids(tok)[0])}
+            seqs = validation_sequences(self.data_dir, method, self.plan.eval_problems)
+            out[method] = {"sequences": len(seqs), "kinds": probe_checkpoint(cfg, params, tok, seqs)}
         return out
 
     def _rl(self) -> dict:

@@ -240,7 +240,8 @@ def write_report(demo) -> Path:
                   "| kind of token | what it measures | SoS+ | APR |", "|---|---|---|---|"]
         for kind, meaning in PROBE_KINDS:
             cells = [probed[m]["kinds"].get(kind, {}).get("accuracy") for m in ("sosp", "apr")]
-            lines.append(f"| {kind} | {meaning} | " + " | ".join("n/a" if c is None else f"{c:.2f}" for c in cells) + " |")
+            lines.append(f"| {kind} | {meaning} | "
+                         + " | ".join("n/a" if c is None else f"{c:.2f}" for c in cells) + " |")
     lines += ["", f"## 1. Accuracy ({plan.eval_context or model.max_seq_len} tokens per thread)", "",
               "| run | accuracy | total tokens | sequential tokens | children | wall s/problem (batched) |",
               "|---|---|---|---|---|---|"]

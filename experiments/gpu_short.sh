@@ -4,7 +4,7 @@
 # Usage (from the repository root):  bash experiments/gpu_short.sh [OUT [RESULTS]]
 #   OUT      run folder (default runs/gpu_short): data, both SFT runs, evaluations, timings.txt
 #   RESULTS  optional flat folder that receives the small result files at the end of every stage
-#            (timings, GPU name, both runs' metrics.jsonl and config.json, experiment 1's JSON and PNG)
+#            (timings, GPU name, both runs' metrics.jsonl, experiment 1's JSON and PNG: at most 7 files)
 #
 # Python: .venv/bin/python when this checkout has one (with jax[cuda]); otherwise python3 with the repository
 # on PYTHONPATH, e.g. a machine image that has JAX with CUDA, flax, optax and orbax but not grain or

@@ -28,9 +28,8 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 
-from apr_jax.train.probe import KINDS, model_predictor, probe
+from apr_jax.train.probe import KINDS, probe_checkpoint, validation_sequences
 
 
 def main() -> None:
@@ -41,20 +40,16 @@ def main() -> None:
     p.add_argument("--out", required=True, help="JSON output (a PNG is written beside it)")
     args = p.parse_args()
 
-    from apr_jax.data.arrays import TokenArraySource
-    from apr_jax.data.tokenizer import special_ids
     from apr_jax.inference.evaluate import load_run_model
     from apr_jax.train.checkpoint import read_run_config
 
     record = read_run_config(args.ckpt)
-    arrays = Path(record["data_dir"]) / "arrays" / f"{record['method']}_val"
-    source = TokenArraySource(arrays)
-    seqs = [np.asarray(source[i]) for i in range(min(args.n, len(source)))]
+    seqs = validation_sequences(record["data_dir"], record["method"], args.n)
     steps = [int(s) for s in args.steps.split(",")] if args.steps else [None]
     report = {"ckpt": args.ckpt, "method": record["method"], "sequences": len(seqs), "steps": {}}
     for step in steps:
         cfg, params, tok = load_run_model(args.ckpt, step=step)
-        result = probe(model_predictor(cfg, params), tok, seqs, pad_id=special_ids(tok)[0])
+        result = probe_checkpoint(cfg, params, tok, seqs)
         report["steps"][str(step)] = result
         print(f"step {step}: " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in result.items()
                                           if v["accuracy"] is not None), flush=True)

@@ -28,7 +28,7 @@ def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
         assert probed[method]["sequences"] == PLAN.eval_problems
         kinds = probed[method]["kinds"]
         assert kinds["other"]["tokens"] > 0 and 0.0 <= kinds["other"]["accuracy"] <= 1.0
-        assert "| result | the result after `=` (arithmetic) |" in text
+    assert "| result | the result after `=` (arithmetic) |" in text
     results = json.loads((out / "results.json").read_text())
     assert set(results["evaluations"]) == {
         "sosp_sft_plain", "apr_sft_plain", "sosp_sft_aided", "apr_sft_aided", "sosp_sft_aided_ctx64",

@@ -110,3 +110,20 @@ def probe(predict, tok, seqs: list[np.ndarray], pad_id: int = 0, batch: int = 4)
                     counts["operand_in_state"] += 1
                     hits["operand_in_state"] += int(word.isdigit() and int(word) in state)
     return {k: {"accuracy": hits[k] / counts[k] if counts[k] else None, "tokens": counts[k]} for k in KINDS}
+
+
+def validation_sequences(data_dir, method: str, n: int) -> list[np.ndarray]:
+    """The first ``n`` validation token sequences of ``method`` in a data folder (exactly the training format)."""
+    from pathlib import Path
+
+    from apr_jax.data.arrays import TokenArraySource
+
+    source = TokenArraySource(Path(data_dir) / "arrays" / f"{method}_val")
+    return [np.asarray(source[i]) for i in range(min(n, len(source)))]
+
+
+def probe_checkpoint(cfg, params, tok, seqs: list[np.ndarray]) -> dict:
+    """:func:`probe` of one checkpoint's model (padding with the tokenizer's pad id)."""
+    from apr_jax.data.tokenizer import special_ids
+
+    return probe(model_predictor(cfg, params), tok, seqs, pad_id=special_ids(tok)[0])

@@ -66,7 +66,7 @@ void Tile(const float* __restrict x, int64_t ldx, int64_t depth, const float* __
     // ask for the panel rows 16 iterations (2 KB) ahead: with many rows the loads alone do not keep enough
     // cache misses in flight (~9% off a 10-row decode step, docs/inference.md)
     __builtin_prefetch(panel + (i + 16) * kPanel);
-    __builtin_prefetch(panel + (i + 16) * kPanel + kHalf);
+    if (kPanel * sizeof(float) > 64) __builtin_prefetch(panel + (i + 16) * kPanel + kHalf);  // 2nd cache line
     const Vec b0 = Load(panel + i * kPanel), b1 = Load(panel + i * kPanel + kHalf);
     for (int64_t m = 0; m < MR; ++m) {
       const float a = kTransposed ? x[i * ldx + m] : x[m * ldx + i];
