@@ -11,7 +11,7 @@ import dataclasses
 import importlib
 from typing import Any
 
-PRESET_NAMES = ("tiny", "mini", "paper", "gpu_short")
+PRESET_NAMES = ("tiny", "mini", "mini3", "paper", "gpu_short")
 
 
 @dataclasses.dataclass(frozen=True)

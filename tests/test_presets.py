@@ -1,0 +1,24 @@
+"""Presets: every name loads, and the mini3 side preset keeps the mini model so checkpoints transfer."""
+
+import pytest
+
+from apr_jax import presets
+
+
+@pytest.mark.parametrize("name", presets.PRESET_NAMES)
+def test_every_preset_loads_under_its_own_name(name):
+    preset = presets.load(name)
+    assert preset.name == name
+    assert preset.data.num_train > preset.data.num_val >= 0
+
+
+def test_mini3_is_the_mini_model_on_three_numbers():
+    mini, mini3 = presets.load("mini"), presets.load("mini3")
+    assert (mini3.data.num_inputs, mini3.data.max_num) == (3, 30)
+    assert mini3.model == mini.model  # same vocabulary and shapes: an SFT run of one initialises the other
+    assert mini3.data.number_mode == mini.data.number_mode == "integers"
+
+
+def test_unknown_preset_is_named_in_the_error():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        presets.load("huge")
