@@ -3,7 +3,8 @@
 On the paper's 4-number task (the ``mini`` preset) a 5M-parameter model trained for hours on two cores solves
 no problem (docs/experiments.md). With 3 numbers up to 30 the SoS+ demonstrations are 312 tokens long instead
 of 1,139, the SoS+ solver solves 69% of the problems (the APR solver 81%), and the same model trained for 30
-minutes on two cores solves 14% of 200 validation problems greedily. The price: an APR parent's longest call
+minutes on two cores solves 14% of 200 validation problems greedily, 31.5% after about 70 minutes in
+three warm-restarted stages (docs/experiments.md). The price: an APR parent's longest call
 (413 tokens on average) is longer than a whole SoS+ trace, so the paper's same-context advantage cannot show.
 
 Same model, tokenizer and vocabulary as ``mini`` (checkpoints are interchangeable). ``train`` is the SoS+ run
