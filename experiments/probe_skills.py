@@ -28,7 +28,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 from apr_jax.train.probe import KINDS, probe_checkpoint, validation_sequences
 
 
