@@ -142,7 +142,8 @@ def cmd_rl(args) -> int:
                            group_size=args.group_size, seed=args.seed)
     loop = grpo.LoopConfig(slots=args.slots, micro_batch=args.micro_batch, context=args.context,
                            max_total_tokens=args.max_total_tokens, eval_every=args.eval_every,
-                           eval_problems=args.eval_problems, ckpt_every=args.ckpt_every, aid=args.aid)
+                           eval_problems=args.eval_problems, ckpt_every=args.ckpt_every, aid=args.aid,
+                           sub_call_budget=args.sub_call_budget, token_budget=args.token_budget)
     summary = grpo.train(args.init, args.out, cfg, loop, resume=args.resume, progress=not args.quiet)
     print(json.dumps(summary, default=str))
     return 0
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-tokens", type=int, help="per-problem token budget of a rollout")
     p.add_argument("--aid", choices=("none", "arithmetic"), default="none",
                    help="decoding aid of rollouts and validation (forced tokens carry no loss)")
+    p.add_argument("--sub-call-budget", type=int,
+                   help="APR conditioning prefix 'Sub Call Budget: N' on rollouts and validation")
+    p.add_argument("--token-budget", type=int, help="SoS+ conditioning prefix 'Token Budget: N'")
     p.add_argument("--eval-every", type=int, default=10, help="greedy validation every N steps (0: never)")
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--ckpt-every", type=int, default=5)

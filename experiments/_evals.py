@@ -25,6 +25,9 @@ def common_args(description: str) -> argparse.ArgumentParser:
                    help="labelled decoding aid (see apr_jax.inference.aid); say which in anything you publish")
     p.add_argument("--backend", help="URL of a completions server (SGLang, apr-jax serve) holding the run's exported "
                                      "model, instead of the in-process engine (--slots = requests in flight)")
+    p.add_argument("--sub-call-budget", type=int,
+                   help="conditioning prefix 'Sub Call Budget: N' on every APR prompt (for APR runs trained with "
+                        "data.condition_prefix; experiments that vary it say so)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -45,6 +48,8 @@ def evaluate(run_dir: str, name: str, args, *, mode: str, context: int | None = 
     model_cfg, params, tok = ev.load_run_model(run_dir)
     if problems is None:
         problems = ev.load_problems(run_dir, None, args.problems)
+    if sub_call_budget is None and mode == "apr":
+        sub_call_budget = getattr(args, "sub_call_budget", None)
     run = RunConfig(mode=mode, samples=samples, sub_call_budget=sub_call_budget,
                     budgets=Budgets(max_children=max_children))
     _, summary = ev.evaluate(model_cfg, params, tok, problems, run, slots=slots or args.slots, context=context,

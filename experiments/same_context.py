@@ -2,7 +2,8 @@
 
 For each context size, SoS+ (one serial thread) and APR (every call, parent or child, limited to the same
 size) are evaluated greedily on the same validation problems; APR also with several child-count limits
-(children past the limit are not run and join as failed).
+(children past the limit are not run and join as failed), or, for an APR run trained with the child-count
+prefix (``data.condition_prefix``), with several ``Sub Call Budget: n`` prompts (``--sub-call-budgets``).
 
     python experiments/same_context.py --sosp runs/demo/sft_sosp --apr runs/demo/sft_apr \\
         --contexts 512,1024,2048 --children 2,4,16 --problems 32 --aid arithmetic --out runs/exp_context
@@ -17,6 +18,9 @@ def main() -> None:
     p.add_argument("--apr", required=True, help="APR SFT (or RL) run folder")
     p.add_argument("--contexts", default="512,1024,2048", help="tokens per thread, comma-separated")
     p.add_argument("--children", default="16", help="APR child-count limits, comma-separated")
+    p.add_argument("--sub-call-budgets", default="",
+                   help="instead of --children: APR child counts asked for with the prefix 'Sub Call Budget: n' "
+                        "(APR runs trained with data.condition_prefix), comma-separated")
     args = p.parse_args()
     from pathlib import Path
 
@@ -24,18 +28,24 @@ def main() -> None:
 
     contexts = [int(c) for c in args.contexts.split(",")]
     children = [int(c) for c in args.children.split(",")]
+    budgets = [int(c) for c in args.sub_call_budgets.split(",") if c]
     rows, points = [], {"SoS+": []}
     for ctx in contexts:
         s = evaluate(args.sosp, f"sosp_ctx{ctx}", args, mode="sosp", context=ctx)
         rows.append({"method": "sosp", "context": ctx, "accuracy": s["accuracy"], "problems": s["problems"],
                      "mean_total_tokens": s["mean_total_tokens"]})
         points["SoS+"].append((ctx, s["accuracy"]))
-        for k in children:
-            s = evaluate(args.apr, f"apr_ctx{ctx}_children{k}", args, mode="apr", context=ctx, max_children=k)
-            rows.append({"method": "apr", "context": ctx, "max_children": k, "accuracy": s["accuracy"],
+        for k in budgets or children:
+            if budgets:
+                name, label, knob = f"apr_ctx{ctx}_budget{k}", f"APR (Sub Call Budget {k})", {"sub_call_budget": k}
+                s = evaluate(args.apr, name, args, mode="apr", context=ctx, sub_call_budget=k)
+            else:
+                name, label, knob = f"apr_ctx{ctx}_children{k}", f"APR (<= {k} children)", {"max_children": k}
+                s = evaluate(args.apr, name, args, mode="apr", context=ctx, max_children=k)
+            rows.append({"method": "apr", "context": ctx, **knob, "accuracy": s["accuracy"],
                          "problems": s["problems"], "mean_total_tokens": s["mean_total_tokens"],
                          "mean_children": s["mean_children"]})
-            points.setdefault(f"APR (<= {k} children)", []).append((ctx, s["accuracy"]))
+            points.setdefault(label, []).append((ctx, s["accuracy"]))
     plot_context(Path(args.out) / "same_context.png", points)
     write_json(args, "same_context", {"rows": rows, "paper": {"apr_rl_4k": 0.834, "sosp_rl_4k": 0.600}})
 

@@ -106,3 +106,26 @@ def test_a_step_on_8_devices_equals_a_step_on_1(sft_run, tmp_path):
     _, p8 = load_run(tmp_path / "eight")
     np.testing.assert_allclose(flat(p1), flat(p8), rtol=1e-5, atol=1e-6)
     assert not np.array_equal(flat(p1), flat(load_run(sft_run)[1]))  # the step did move the parameters
+
+
+def test_rollouts_carry_the_conditioning_prefix(sft_run):
+    # A model trained with data.condition_prefix must see the same 'Sub Call Budget: n ' prefix in its
+    # rollouts as in its training sequences, and the log-prob pass must see the sampled prompt's exact tokens.
+    from apr_jax.data import tokenizer as tokenization
+    from apr_jax.inference.evaluate import load_run_model
+    from apr_jax.inference.runtime import Codec
+
+    model_cfg, params, tok = load_run_model(sft_run)
+    _, bos, eos = tokenization.special_ids(tok)
+    codec = Codec(tok, bos, eos)
+    cfg = dataclasses.replace(presets.load("tiny").rl, group_size=2)
+    problem = {"id": 0, "nums": [3, 5, 7], "target": 22}
+    loop = dataclasses.replace(LOOP, sub_call_budget=3)
+    records = grpo.rollouts(model_cfg, params, codec, [problem], "apr", cfg, loop, 0, eos)
+    assert len(records) == 2
+    for r in records:
+        parent = r["threads"][0]
+        assert parent["prompt"].startswith("Sub Call Budget: 3 Moving to Node #0\n")
+        assert parent["prompt_ids"] == [bos] + codec.ids(parent["prompt"])
+    plain = grpo.rollouts(model_cfg, params, codec, [problem], "apr", cfg, LOOP, 0, eos)
+    assert plain[0]["threads"][0]["prompt"].startswith("Moving to Node #0\n")

@@ -68,6 +68,9 @@ class LoopConfig:
       keep_checkpoints: checkpoints kept on disk.
       aid: decoding aid of rollouts and validation (``"none"`` or ``"arithmetic"``, see
         :mod:`apr_jax.inference.aid`); forced tokens carry no loss.
+      sub_call_budget: conditioning prefix ``Sub Call Budget: n`` on every APR rollout and validation
+        prompt (for a model trained with ``data.condition_prefix``); None: no prefix.
+      token_budget: conditioning prefix ``Token Budget: b`` on every SoS+ prompt; None: no prefix.
     """
 
     slots: int = 16
@@ -79,6 +82,13 @@ class LoopConfig:
     ckpt_every: int = 5
     keep_checkpoints: int = 3
     aid: str = "none"
+    sub_call_budget: int | None = None
+    token_budget: int | None = None
+
+    def run_config(self, method: str, seed: int = 0) -> RunConfig:
+        """The runtime settings of this loop's rollouts (``seed``) and validation (seed 0)."""
+        return RunConfig(mode=method, seed=seed, sub_call_budget=self.sub_call_budget,
+                         token_budget=self.token_budget, budgets=Budgets(max_total_tokens=self.max_total_tokens))
 
 
 def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
@@ -171,8 +181,7 @@ def rollouts(model_cfg, params, codec: Codec, problems: Sequence[dict], method: 
     engine = Engine(model_cfg, params, slots=loop.slots, eos_id=eos_id, context=loop.context, mesh=mesh,
                     sampling=Sampling(temperature=cfg.temperature), stop_sequences=[codec.ids(traces.JOIN_OPEN)],
                     aid=make_aid(loop.aid, codec))
-    run = RunConfig(mode=method, seed=cfg.seed * 1_000_003 + step,
-                    budgets=Budgets(max_total_tokens=loop.max_total_tokens))
+    run = loop.run_config(method, seed=cfg.seed * 1_000_003 + step)
     return Runtime(engine, codec, run).solve(expand_groups(problems, cfg.group_size))
 
 
@@ -229,7 +238,7 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
     writer = MetricsWriter(out)
 
     def validate(step: int) -> dict:
-        _, summary = greedy_evaluate(model_cfg, params, tok, val_problems, RunConfig(mode=method), slots=loop.slots,
+        _, summary = greedy_evaluate(model_cfg, params, tok, val_problems, loop.run_config(method), slots=loop.slots,
                                      context=loop.context, progress=False, aid=loop.aid)
         values = {k: summary[k] for k in ("accuracy", "mean_total_tokens", "mean_sequential_tokens", "mean_children")}
         writer.write(step, "val", values)
