@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from apr_jax import presets
+from apr_jax.inference.aid import AIDS
 
 
 def _add_preset(p: argparse.ArgumentParser, default: str = "mini") -> None:
@@ -258,9 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="URL of an OpenAI-compatible completions server (SGLang, apr-jax serve) to "
                                       "decode on instead of the in-process engine; --slots = requests in flight")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request to --backend")
-    p.add_argument("--aid", choices=("none", "arithmetic"), default="none",
+    p.add_argument("--aid", choices=AIDS, default="none",
                    help="labelled decoding aid: 'arithmetic' lets the runtime write operation results and resulting "
-                        "lists (the model still chooses the search); reported beside plain results, never instead")
+                        "lists (the model still chooses the search); 'spawn' (APR) ends a parent's root expansion "
+                        "with a spawn block once it lists --sub-call-budget nodes; reported beside plain results, "
+                        "never instead")
     p.add_argument("--keep-tokens", action="store_true",
                    help="also save prompt/output token ids and log-probs per thread")
     p.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default="float32",
@@ -282,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per update micro-batch")
     p.add_argument("--context", type=int, help="tokens per thread (default: the model's context)")
     p.add_argument("--max-total-tokens", type=int, help="per-problem token budget of a rollout")
-    p.add_argument("--aid", choices=("none", "arithmetic"), default="none",
+    p.add_argument("--aid", choices=AIDS, default="none",
                    help="decoding aid of rollouts and validation (forced tokens carry no loss)")
     p.add_argument("--sub-call-budget", type=int,
                    help="APR conditioning prefix 'Sub Call Budget: N' on rollouts and validation")

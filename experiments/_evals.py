@@ -21,7 +21,7 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for evaluation results, the JSON of numbers and the PNG")
     p.add_argument("--problems", type=int, default=32, help="validation problems per evaluation point")
     p.add_argument("--slots", type=int, default=32, help="threads the engine decodes at once")
-    p.add_argument("--aid", choices=("none", "arithmetic"), default="none",
+    p.add_argument("--aid", choices=("none", "arithmetic", "spawn", "arithmetic+spawn"), default="none",
                    help="labelled decoding aid (see apr_jax.inference.aid); say which in anything you publish")
     p.add_argument("--backend", help="URL of a completions server (SGLang, apr-jax serve) holding the run's exported "
                                      "model, instead of the in-process engine (--slots = requests in flight)")

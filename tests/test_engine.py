@@ -258,3 +258,38 @@ def test_slots_sharded_over_a_mesh_decode_exactly_the_threads_of_one_device(para
     assert len(engine.state.cache.k.addressable_shards) == 8 and engine.state.cache.k.sharding.spec[1] is not None
     with pytest.raises(ValueError, match="slots"):
         Engine(CFG, params, slots=6, eos_id=EOS, mesh=mesh)
+
+
+class _EndingAid:
+    """A stand-in aid that ends the thread: after its trigger, force ``[trigger + 1, EOS]``."""
+
+    def __init__(self, trigger):
+        self.triggers = (trigger,)
+
+    def force(self, ids):
+        return [(ids[-1] + 1) % CFG.vocab_size, EOS]
+
+
+def test_an_aid_that_forces_eos_ends_the_thread_and_its_continuation_stays_exact(params, full_logits):
+    prompt = prompts(1, seed=5)[0]
+    plain = run(params, {"a": (prompt, 30)}, slots=1)["a"]
+    trigger = next(t for t in plain.tokens[2:] if t != EOS)  # a token the thread writes after a few steps
+    cut = plain.tokens.index(trigger) + 1
+    engine = Engine(CFG, params, slots=1, eos_id=EOS, aid=_EndingAid(trigger))
+    engine.submit("a", prompt, 30, thread_key(3, "problem", "a"))
+    (f,) = engine.step()
+    assert f.stop == "eos"
+    assert f.tokens == plain.tokens[:cut] + [(trigger + 1) % CFG.vocab_size, EOS]
+    assert f.forced == [cut, cut + 1]
+    # Continue from the text up to the trigger plus a join-like block: the trigger never entered the cache
+    # (the aid ended the thread before it was fed), so it is prefilled with the new tokens.
+    cont = prompt + plain.tokens[:cut] + [5, 6, 7]
+    engine.continue_thread("a", cont, 8, thread_key(0, 0, "b"), new_key="b")
+    (g,) = engine.step()
+    assert g.new_prompt_tokens == 4
+    seq = list(cont)  # the reference: a plain forward loop with the same aid
+    while len(seq) - len(cont) < 8 and seq[-1] != EOS:
+        seq.append(int(np.argmax(full_logits(seq)[len(seq) - 1])))
+        if seq[-1] == trigger:
+            seq += [(trigger + 1) % CFG.vocab_size, EOS]
+    assert g.tokens == seq[len(cont):]

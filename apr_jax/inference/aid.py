@@ -15,6 +15,16 @@ model, and nothing else:
 Which operation to try, which node to move to, when to spawn, what to copy and when the goal is reached
 stay the model's. Forced tokens are recorded per thread (``forced``: their positions among the generated
 tokens) and carry no loss in GRPO: they were not sampled.
+
+A second aid, ``spawn``, concerns APR alone and is reported as such (``--aid spawn``, or ``arithmetic+spawn``
+for both): it enforces the child-count prompt ``Sub Call Budget: n``. Small models learn the root
+expansion's lines but not when to stop listing them (a teacher-forced probe shows their probability of
+``<Calling Sub Searches>`` does not depend on ``n``), so a greedy parent never spawns. With this aid, once a
+parent's first call has listed ``n`` distinct root nodes (``Generated Node #0,k`` lines, before any ``Moving
+to Node`` line), the runtime finishes that line, writes the spawn block naming those nodes in listing order
+and ends the call.
+Which operations to list, every child's search and the parent's answer after the join stay the model's.
+Without the prefix, and in children, continuation calls and SoS+ threads, it forces nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from typing import Sequence
 
 from apr_jax.countdown import traces
 
-AIDS = ("none", "arithmetic")
+AIDS = ("none", "arithmetic", "spawn", "arithmetic+spawn")
 
 _OP_TAIL = re.compile(r"(\d+)([+\-*/])(\d+)=$")
 
@@ -100,8 +110,74 @@ class ArithmeticAid:
         return []
 
 
+_ROOT_NODE = re.compile(rf"{re.escape(traces.GENERATED)}(0,\d+): ")
+_BUDGET = re.compile(rf"^{re.escape(traces.SUB_CALL_BUDGET)}(\d+) {re.escape(traces.MOVING)}0\n")
+_EXPLORED_OP = re.compile(rf"^{re.escape(traces.EXPLORING)}(\S+){re.escape(traces.RESULTING)}")
+
+
+class SpawnAid:
+    """Ends an APR parent's first call with a spawn block once it has listed ``Sub Call Budget`` root nodes
+    (see module docstring).
+
+    Triggered by the `` Operation: `` token of a ``Generated Node`` line (children of 2-number states never
+    write one, so the decode loop rarely pauses for it). When that line names the ``n``-th distinct root node,
+    the aid finishes the line with the operation of the ``Exploring Operation`` line above it (the model's
+    own, copied as the trace format does), then writes the spawn block and EOS.
+    """
+
+    name = "spawn"
+
+    def __init__(self, codec):
+        self.codec = codec
+        op = codec.ids(traces.OPERATION)
+        if len(op) != 1:
+            raise ValueError(f"the spawn aid needs {traces.OPERATION!r} to be one token, the tokenizer gives {op}")
+        self.triggers = (op[0],)
+
+    def force(self, ids: Sequence[int]) -> list[int]:
+        if not ids or ids[-1] != self.triggers[0]:
+            return []
+        text = self.codec.text(ids)
+        budget = _BUDGET.match(text)
+        if budget is None or int(budget.group(1)) < 1:
+            return []
+        body = text[budget.end():]
+        if any(marker in body for marker in (traces.MOVING, traces.SPAWN_OPEN, traces.JOIN_OPEN)):
+            return []  # past the root's expansion, already spawned, or a continuation call
+        lines = body.split("\n")
+        current = _ROOT_NODE.match(lines[-1])
+        explored = _EXPLORED_OP.match(lines[-2]) if len(lines) >= 2 else None
+        if current is None or explored is None:
+            return []
+        nodes = list(dict.fromkeys(m.group(1) for m in map(_ROOT_NODE.match, lines) if m))
+        if len(nodes) < int(budget.group(1)) or current.group(1) != nodes[-1]:
+            return []  # fewer nodes than asked for, or this line repeats an earlier node
+        return self.codec.ids(f"{explored.group(1)}\n{traces.spawn_block(1, nodes)}") + [self.codec.eos_id]
+
+
+class CombinedAid:
+    """Several aids at once: each trigger goes to the aid that owns it."""
+
+    def __init__(self, aids):
+        self.aids = tuple(aids)
+        self.name = "+".join(a.name for a in self.aids)
+        self.triggers = tuple(dict.fromkeys(t for a in self.aids for t in a.triggers))
+
+    def force(self, ids: Sequence[int]) -> list[int]:
+        for aid in self.aids:
+            if ids and ids[-1] in aid.triggers:
+                forced = aid.force(ids)
+                if forced:
+                    return forced
+        return []
+
+
 def make_aid(name: str, codec):
     """The aid called ``name`` (``"none"`` gives None)."""
     if name not in AIDS:
         raise ValueError(f"aid must be one of {AIDS}, got {name!r}")
-    return None if name == "none" else ArithmeticAid(codec)
+    if name == "none":
+        return None
+    aids = {"arithmetic": ArithmeticAid, "spawn": SpawnAid}
+    parts = [aids[part](codec) for part in name.split("+")]
+    return parts[0] if len(parts) == 1 else CombinedAid(parts)

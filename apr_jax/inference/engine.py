@@ -262,6 +262,7 @@ class _Row:
     gen_logp: list[float] = dataclasses.field(default_factory=list)
     forced: list[int] = dataclasses.field(default_factory=list)
     resume_keep: int = 0  # an aided row waiting to resume: tokens already in its cache
+    cached: int | None = None  # tokens in the cache when fewer than len(ids) - 1 (a thread ended by an aid)
 
 
 @dataclasses.dataclass(order=True)
@@ -450,7 +451,8 @@ class Engine:
             for req in self._continuations:
                 slot = self._by_key.pop(req.key)
                 row = self._rows[slot]
-                keep = min(common_prefix(row.ids, req.prompt), len(row.ids) - 1, len(req.prompt) - 1)
+                cached = len(row.ids) - 1 if row.cached is None else row.cached
+                keep = min(common_prefix(row.ids, req.prompt), cached, len(req.prompt) - 1)
                 self._rows[slot] = _Row(req.new_key, list(req.prompt), len(req.prompt), len(req.prompt) - keep,
                                         self.steps, now, max_new=req.max_new, rng=req.rng)
                 self._by_key[req.new_key] = slot
@@ -511,13 +513,16 @@ class Engine:
 
     def _aid_resume(self, slot: int, row: _Row) -> str | None:
         """After an aid trigger: append the forced tokens and queue the row to decode on (returns None), or
-        return ``"length"`` when the forced tokens leave no room to decode."""
+        return ``"length"`` when the forced tokens leave no room to decode, or ``"eos"`` when they end with
+        EOS (the aid ended the thread: nothing more is decoded)."""
         try:
             forced = [int(t) for t in self.aid.force(row.ids)]
         except Exception as err:  # an aid must never stop a run: the thread goes on unaided
             log.warning("decoding aid failed on thread %r (%s: %s); nothing forced", row.key, type(err).__name__, err)
             forced = []
-        if len(row.gen) + len(forced) >= row.max_new or len(row.ids) + len(forced) >= self.context:
+        ends = bool(forced) and forced[-1] == self.eos_id
+        if len(row.gen) + len(forced) > row.max_new or len(row.ids) + len(forced) > self.context or (
+                not ends and (len(row.gen) + len(forced) == row.max_new or len(row.ids) + len(forced) == self.context)):
             return "length"
         row.resume_keep = len(row.ids) - 1  # the cache holds every id but the pending trigger
         row.forced += range(len(row.gen), len(row.gen) + len(forced))
@@ -525,6 +530,9 @@ class Engine:
         row.gen += forced
         row.gen_logp += [0.0] * len(forced)
         self.forced_tokens += len(forced)
+        if ends:
+            row.cached = row.resume_keep
+            return "eos"
         # A fresh, deterministic key per segment: the sampler's counter restarts at every admission.
         row.rng = np.array([row.rng[0], (int(row.rng[1]) + 0x9E3779B9 * len(row.gen)) & 0xFFFFFFFF], np.uint32)
         self._resumes.append(slot)
