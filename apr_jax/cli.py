@@ -123,7 +123,9 @@ def cmd_eval(args) -> int:
     print(f"{args.mode}{aided}: accuracy {summary['accuracy']:.1%} on {summary['problems']} problems"
           + (f" (pass@{args.samples} {summary['pass_at_n']:.1%})" if args.mode == "sc" else "")
           + f"; tokens/problem {summary['mean_total_tokens']:.0f} total, {summary['mean_sequential_tokens']:.0f} "
-          f"sequential; children {summary['mean_children']:.2f}; {summary['wall_s']:.1f} s "
+          f"sequential; children {summary['mean_children']:.2f}"
+          + (f" (a child found a verified path in {summary['child_solved']:.1%})" if "child_solved" in summary else "")
+          + f"; {summary['wall_s']:.1f} s "
           f"({summary['generated_tokens_per_s']:.0f} generated tokens/s) -> {args.out}", file=sys.stderr)
     print(json.dumps(summary))
     return 0

@@ -125,7 +125,11 @@ def plot_accuracy(path: Path, groups: dict[str, tuple[float | None, float | None
     plt.close(fig)
 
 
-def plot_context(path: Path, points: dict[str, list[tuple[int, float]]]) -> None:
+def _aid_label(aid: str) -> str:
+    return "plain" if aid == "none" else f"{aid} aid"
+
+
+def plot_context(path: Path, points: dict[str, list[tuple[int, float]]], aid: str = "arithmetic") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -136,14 +140,15 @@ def plot_context(path: Path, points: dict[str, list[tuple[int, float]]]) -> None
     ax.set_xlabel("tokens per thread (context window)")
     ax.set_ylabel("accuracy (%)")
     _percent_axis(ax)
-    ax.set_title("Same context window (aided); paper at 4K: APR+RL 83.4, SoS+ +RL 60.0", fontsize=9)
+    ax.set_title(f"Same context window ({_aid_label(aid)}); paper at 4K: APR+RL 83.4, SoS+ +RL 60.0", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_scaling(path: Path, sc: list[dict], apr_points: dict[str, tuple[float, float]]) -> None:
+def plot_scaling(path: Path, sc: list[dict], apr_points: dict[str, tuple[float, float]],
+                 aid: str = "arithmetic", preset: str = "mini") -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, ref) = plt.subplots(1, 2, figsize=(11, 4))
@@ -155,7 +160,7 @@ def plot_scaling(path: Path, sc: list[dict], apr_points: dict[str, tuple[float, 
     ax.set_xlabel("mean total tokens per problem")
     ax.set_ylabel("accuracy (%)")
     _percent_axis(ax)
-    ax.set_title("Ours (mini, aided, T=1 for SoS+ samples)")
+    ax.set_title(f"Ours ({preset}, {_aid_label(aid)}, T=1 for SoS+ samples)")
     ax.legend(fontsize=8)
     n = range(1, 9)
     ref.plot(n, [100 * v for v in PAPER["sosp_pass_at_n"]], "o--", label="SoS+ pass@n")

@@ -6,6 +6,8 @@ of 1,139, the SoS+ solver solves 69% of the problems (the APR solver 81%), and t
 minutes on two cores solves 14% of 200 validation problems greedily, 31.5% after about 70 minutes in
 three warm-restarted stages (docs/experiments.md). The price: an APR parent's longest call
 (413 tokens on average) is longer than a whole SoS+ trace, so the paper's same-context advantage cannot show.
+An APR model warm-started from that SoS+ model (1,100 steps on data with child-count prefixes) spawns and
+solves 13% (22% with the labelled spawn aid): below SoS+, with the loss in the parent's final answer.
 
 Same model, tokenizer and vocabulary as ``mini`` (checkpoints are interchangeable). ``train`` is the SoS+ run
 (1,500 steps of 8, about 3.7M tokens); the APR run of docs/experiments.md overrides it to the same token count

@@ -12,6 +12,12 @@ otherwise enforced child limits (``--children``).
 from _evals import common_args, evaluate, write_json
 
 
+def _preset(run_dir: str) -> str:
+    from apr_jax.train.checkpoint import read_run_config
+
+    return read_run_config(run_dir).get("preset") or "mini"
+
+
 def main() -> None:
     p = common_args(__doc__.splitlines()[0])
     p.add_argument("--sosp", required=True)
@@ -37,7 +43,7 @@ def main() -> None:
         for k in (int(x) for x in args.children.split(",")):
             s = evaluate(args.apr, f"apr_children{k}", args, mode="apr", max_children=k, context=args.context)
             apr[f"APR <= {k} children"] = (s["mean_total_tokens"], s["accuracy"])
-    plot_scaling(Path(args.out) / "compute_scaling.png", curve, apr)
+    plot_scaling(Path(args.out) / "compute_scaling.png", curve, apr, aid=args.aid, preset=_preset(args.sosp))
     write_json(args, "compute_scaling", {
         "sosp": curve, "apr": {k: {"mean_total_tokens": t, "accuracy": a} for k, (t, a) in apr.items()},
         "paper": {"sosp_pass_at_n": PAPER["sosp_pass_at_n"], "sosp_cons_at_n": PAPER["sosp_cons_at_n"],

@@ -46,7 +46,7 @@ def main() -> None:
                          "problems": s["problems"], "mean_total_tokens": s["mean_total_tokens"],
                          "mean_children": s["mean_children"]})
             points.setdefault(label, []).append((ctx, s["accuracy"]))
-    plot_context(Path(args.out) / "same_context.png", points)
+    plot_context(Path(args.out) / "same_context.png", points, aid=args.aid)
     write_json(args, "same_context", {"rows": rows, "paper": {"apr_rl_4k": 0.834, "sosp_rl_4k": 0.600}})
 
 

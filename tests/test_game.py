@@ -110,3 +110,12 @@ def test_verifier_on_mutated_paths_never_raises(pos, ch):
         def semantic(text):
             return [ln for ln in text.split("\n") if ln.startswith("Exploring") or "Goal Reached" in ln]
         assert semantic(mutated) == semantic(GOOD)
+
+
+def test_replay_operations():
+    assert game.replay_operations([22, 26, 31, 53], ["53-22=31", "31/31=1"]) == [1, 26]
+    assert game.replay_operations([22, 26, 31, 53], []) == [22, 26, 31, 53]
+    assert game.replay_operations([22, 26, 31, 53], ["53-22=30"]) is None  # wrong result
+    assert game.replay_operations([22, 26, 31, 53], ["22-53=-31"]) is None  # outside the grammar
+    assert game.replay_operations([22, 26, 31, 53], ["7+1=8"]) is None  # numbers not there
+    assert game.replay_operations([22, 26], ["26/22=1"]) is None  # inexact division

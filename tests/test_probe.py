@@ -66,3 +66,35 @@ def test_probe_scores_an_oracle_and_a_constant_predictor():
     result = probe(lambda tokens, lengths: np.full_like(tokens, seventy), tok, seqs)
     assert result["operator"]["accuracy"] == 0.0 and result["other"]["accuracy"] == 0.0
     assert result["operand_in_state"]["accuracy"] == 0.0  # 70 is not in this problem's states
+
+
+def test_spawn_hazard_groups_line_starts_by_nodes_listed_and_by_what_the_demo_does():
+    from apr_jax.countdown import traces
+    from apr_jax.data.tokenizer import BOS_ID, EOS_ID, build_tokenizer
+    from apr_jax.train.probe import spawn_hazard
+
+    tok = build_tokenizer("integers", 3)
+    text = ("Sub Call Budget: 2 Moving to Node #0\nCurrent State: 31:[12, 26, 17], Operations: []\n"
+            "Exploring Operation: 12+17=29, Resulting Numbers: [26, 29]\n"
+            "Generated Node #0,0: 31:[26, 29] Operation: 12+17=29\n"
+            "Exploring Operation: 26-12=14, Resulting Numbers: [17, 14]\n"
+            "Generated Node #0,1: 31:[17, 14] Operation: 26-12=14\n" + traces.spawn_block(1, ["0,0", "0,1"]))
+    seq = np.array([BOS_ID] + tok.encode(text, add_special_tokens=False).ids + [EOS_ID])
+    spawn = tok.token_to_id(traces.SPAWN_OPEN)
+    vocab = tok.get_vocab_size()
+
+    def log_probs(ids):  # p(spawn) grows with the position, the rest is spread evenly
+        out = np.zeros((len(ids), vocab))
+        for j in range(len(ids)):
+            p = min(0.9, 0.001 * (j + 1))
+            out[j] = np.log((1 - p) / (vocab - 1))
+            out[j, spawn] = np.log(p)
+        return out
+
+    table = spawn_hazard(log_probs, tok, [seq, seq[:5]])  # the second never spawns: skipped
+    assert list(table) == [0, 1, 2]
+    assert set(table[0]) == {"go"} and set(table[1]) == {"go"} and set(table[2]) == {"stop"}
+    assert all(cell["n"] == 1 for sides in table.values() for cell in sides.values())
+    p0, p2 = table[0]["go"]["p_spawn"], table[2]["stop"]["p_spawn"]
+    assert 0 < p0 < p2 <= 0.9  # later line starts, higher spawn probability in this fake model
+    assert np.isclose(table[2]["stop"]["p_explore"], (1 - p2) / (vocab - 1))

@@ -188,3 +188,23 @@ def test_self_consistency_votes_over_answers(golden_sosp, codec):
     summary = runtime.summarize([res])
     assert summary["pass_at_n"] == 1.0 and summary["cons_at_n"] == 1.0
     assert collections.Counter(summary["thread_stops"]) == {"eos": 3}
+
+
+def test_child_solved_needs_a_verified_child_path_from_the_problem():
+    from apr_jax.inference.runtime import child_solved, summarize
+
+    prompt = "Moving to Node #0,3\nCurrent State: 31:[17, 14], Operations: ['26-12=14']"
+    output = ("\nExploring Operation: 17+14=31, Resulting Numbers: [31]\n31,31 equal: Goal Reached\n"
+              "Moving to Node #0,3\nCurrent State: 31:[17, 14], Operations: ['26-12=14']\n"
+              "Exploring Operation: 17+14=31, Resulting Numbers: [31]\n31,31 equal: Goal Reached\n")
+    child = {"role": "child", "stop": "eos", "prompt": prompt, "output": output}
+    result = {"mode": "apr", "problem": {"id": 0, "nums": [12, 26, 17], "target": 31}, "correct": False,
+              "total_tokens": 1, "sequential_tokens": 1, "children": 1, "threads": [child]}
+    assert child_solved(result)
+    assert summarize([result])["child_solved"] == 1.0
+    wrong_root = dict(result, problem={"id": 0, "nums": [12, 25, 17], "target": 31})  # 26 is not an input
+    assert not child_solved(wrong_root)
+    wrong_sum = dict(result, threads=[dict(child, output=output.replace("17+14=31", "17+14=30"))])
+    assert not child_solved(wrong_sum)
+    assert not child_solved(dict(result, threads=[dict(child, stop="thread_limit")]))
+    assert "child_solved" not in summarize([dict(result, mode="sosp")])

@@ -122,6 +122,25 @@ def _apply(x: int, op: str, y: int) -> tuple[int | None, str]:
     return x // y, ""
 
 
+def replay_operations(nums: Sequence[int], ops: Sequence[str]) -> list[int] | None:
+    """The numbers left after applying ``ops`` (``'a+b=c'`` strings) in order to ``nums``, sorted; None when
+    an operation uses a number not present, breaks the rules or states a wrong result."""
+    current = list(nums)
+    for op in ops:
+        try:
+            x, sign, y, z = traces.parse_operation(op)
+        except traces.TraceFormatError:
+            return None
+        for operand in (x, y):
+            if operand not in current:
+                return None
+            current.remove(operand)
+        if _apply(x, sign, y)[0] != z:
+            return None
+        current.append(z)
+    return sorted(current)
+
+
 def verify_path(nums: Sequence[int], target: int, path: str) -> Verdict:
     """Replay a solution path from ``nums``; ok only if it ends at a ``Goal Reached`` line with ``[target]``.
 

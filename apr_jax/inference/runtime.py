@@ -424,14 +424,38 @@ def majority_vote(answers: Sequence[str | None]) -> int | None:
     return next(i for i, o in enumerate(ops) if o is not None and counts[o] == best)
 
 
+def child_solved(result: dict) -> bool:
+    """True when some child of an APR result returned a verified path: its state follows from the problem's
+    numbers by the operations in its prompt, and its returned path reaches the target from there. A diagnostic
+    of the parallel search alone; the problem counts as solved only if the parent's answer verifies."""
+    nums, target = result["problem"]["nums"], result["problem"]["target"]
+    for t in result["threads"]:
+        if t["role"] != "child" or t["stop"] != "eos":
+            continue
+        path = traces.child_return(t["prompt"] + t["output"])
+        state = next((line for line in t["prompt"].split("\n") if line.startswith(traces.CURRENT_STATE)), None)
+        if not path or state is None:
+            continue
+        try:
+            _, child_nums, ops = traces.parse_line(state).fields
+        except traces.TraceFormatError:
+            continue
+        if game.replay_operations(nums, ops) == sorted(child_nums) and game.verify_path(child_nums, target, path):
+            return True
+    return False
+
+
 def summarize(results: Iterable[dict]) -> dict:
-    """Accuracy and token statistics of a list of results."""
+    """Accuracy and token statistics of a list of results (APR: also ``child_solved``, the fraction of
+    problems where some child returned a verified path, see :func:`child_solved`)."""
     results = list(results)
     n = max(1, len(results))
     out = {"problems": len(results), "accuracy": sum(r["correct"] for r in results) / n,
            "mean_total_tokens": sum(r["total_tokens"] for r in results) / n,
            "mean_sequential_tokens": sum(r["sequential_tokens"] for r in results) / n,
            "mean_children": sum(r["children"] for r in results) / n}
+    if any(r.get("mode") == "apr" for r in results):
+        out["child_solved"] = sum(child_solved(r) for r in results) / n
     if results and "pass" in results[0]:
         out["pass_at_n"] = sum(r["pass"] for r in results) / n
         out["cons_at_n"] = out["accuracy"]

@@ -127,3 +127,57 @@ def probe_checkpoint(cfg, params, tok, seqs: list[np.ndarray]) -> dict:
     from apr_jax.data.tokenizer import special_ids
 
     return probe(model_predictor(cfg, params), tok, seqs, pad_id=special_ids(tok)[0])
+
+
+def spawn_hazard(log_probs, tok, seqs: list[np.ndarray]) -> dict:
+    """When does an APR parent decide to spawn? Teacher-forced, at every line start of a parent's root
+    expansion where the demonstration writes either ``Exploring Operation: `` (another root node) or
+    ``<Calling Sub Searches>`` (the spawn), the model's probability of each.
+
+    ``log_probs(ids [T] int32) -> [T, V]`` gives next-token log-probabilities; ``seqs`` are APR token
+    sequences (BOS first); those without a spawn are skipped. Returns ``{k: {"stop": {...}, "go": {...}}}``
+    where ``k`` is the number of root nodes listed so far and each side (the demonstration spawns here / goes
+    on) holds ``n``, mean ``p_spawn`` and mean ``p_explore``. A model that uses a ``Sub Call Budget`` prompt
+    gives a high ``p_spawn`` on the "stop" side and a low one on the "go" side at the same ``k``.
+    """
+    spawn, explore = tok.token_to_id(traces.SPAWN_OPEN), tok.token_to_id(traces.EXPLORING)
+    if spawn is None or explore is None:
+        raise ValueError("the tokenizer has no single token for the spawn marker or 'Exploring Operation: '")
+    sums: dict = {}
+    for seq in seqs:
+        seq = np.asarray(seq)
+        if spawn not in seq:
+            continue
+        logp = np.asarray(log_probs(seq.astype(np.int32)))
+        k = 0
+        for j in range(len(seq) - 1):
+            nxt = int(seq[j + 1])
+            if nxt not in (spawn, explore) or "\n" not in (tok.id_to_token(int(seq[j])) or ""):
+                continue
+            side = "stop" if nxt == spawn else "go"
+            cell = sums.setdefault(k, {}).setdefault(side, [0, 0.0, 0.0])
+            cell[0] += 1
+            cell[1] += float(np.exp(logp[j, spawn]))
+            cell[2] += float(np.exp(logp[j, explore]))
+            if side == "stop":
+                break
+            k += 1
+    return {k: {side: {"n": n, "p_spawn": ps / n, "p_explore": pe / n} for side, (n, ps, pe) in sides.items()}
+            for k, sides in sorted(sums.items())}
+
+
+def model_log_probs(cfg, params):
+    """``log_probs(ids [T]) -> [T, V]`` of one model (ids padded to a multiple of 128: few compilations)."""
+    from apr_jax.model import llama
+
+    @jax.jit
+    def fn(tokens):
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return jax.nn.log_softmax(llama.forward(cfg, params, tokens, positions)[0], axis=-1)
+
+    def log_probs(ids):
+        width = -(-len(ids) // 128) * 128
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :len(ids)] = ids
+        return np.asarray(fn(jnp.asarray(tokens)))[0, :len(ids)]
+    return log_probs
