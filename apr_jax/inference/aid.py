@@ -19,7 +19,7 @@ tokens) and carry no loss in GRPO: they were not sampled.
 A second aid, ``spawn``, concerns APR alone and is reported as such (``--aid spawn``, or ``arithmetic+spawn``
 for both): it enforces the child-count prompt ``Sub Call Budget: n``. Small models learn the root
 expansion's lines but not when to stop listing them (a teacher-forced probe shows their probability of
-``<Calling Sub Searches>`` does not depend on ``n``), so a greedy parent never spawns. With this aid, once a
+``<Calling Sub Searches>`` barely depends on ``n``), so a greedy parent spawns late or never. With this aid, once a
 parent's first call has listed ``n`` distinct root nodes (``Generated Node #0,k`` lines, before any ``Moving
 to Node`` line), the runtime finishes that line, writes the spawn block naming those nodes in listing order
 and ends the call.

@@ -521,8 +521,10 @@ class Engine:
             log.warning("decoding aid failed on thread %r (%s: %s); nothing forced", row.key, type(err).__name__, err)
             forced = []
         ends = bool(forced) and forced[-1] == self.eos_id
-        if len(row.gen) + len(forced) > row.max_new or len(row.ids) + len(forced) > self.context or (
-                not ends and (len(row.gen) + len(forced) == row.max_new or len(row.ids) + len(forced) == self.context)):
+        new_gen, new_len = len(row.gen) + len(forced), len(row.ids) + len(forced)
+        if ends and (new_gen > row.max_new or new_len > self.context):  # an ending must fit
+            return "length"
+        if not ends and (new_gen >= row.max_new or new_len >= self.context):  # decoding on needs room
             return "length"
         row.resume_keep = len(row.ids) - 1  # the cache holds every id but the pending trigger
         row.forced += range(len(row.gen), len(row.gen) + len(forced))
