@@ -107,3 +107,11 @@ def test_combined_aid_routes_each_trigger():
     assert codec.text(both.force(codec.prompt_ids(STATE + traces.EXPLORING + "94-35="))) == "59"
     text = ROOT + "".join(LINES[:3]) + upto_operation(LINES[3])
     assert codec.text(both.force(codec.prompt_ids(text))).startswith("26-12=14\n<Calling Sub Searches>\n")
+
+
+def test_spawn_aid_needs_a_positive_budget_and_a_well_formed_line(codec):
+    text = "".join(LINES[:3]) + upto_operation(LINES[3])
+    assert spawn_forced(codec, ROOT.replace("Budget: 2", "Budget: 0") + text) == ""  # 0: no spawn asked for
+    assert spawn_forced(codec, ROOT.replace("Budget: 2", "Budget: 1") + LINES[0] + upto_operation(LINES[1])) != ""
+    garbled = LINES[2] + "Generated Node #0,1: 31:[17, Operation: "  # the finished line would not parse
+    assert spawn_forced(codec, ROOT + "".join(LINES[:2]) + garbled) == ""

@@ -122,23 +122,33 @@ def _apply(x: int, op: str, y: int) -> tuple[int | None, str]:
     return x // y, ""
 
 
+def _step(current: list[int], x: int, op: str, y: int, z: int) -> tuple[list[int] | None, str]:
+    """The sorted numbers after the stated operation ``x op y = z`` on ``current``, or None and the reason."""
+    pool = list(current)
+    for operand in (x, y):
+        if operand not in pool:
+            return None, f"operand {operand} not in current numbers {current}"
+        pool.remove(operand)
+    value, why = _apply(x, op, y)
+    if value is None:
+        return None, why
+    if value != z:
+        return None, f"wrong arithmetic {x}{op}{y}={z} (is {value})"
+    return sorted(pool + [value]), ""
+
+
 def replay_operations(nums: Sequence[int], ops: Sequence[str]) -> list[int] | None:
     """The numbers left after applying ``ops`` (``'a+b=c'`` strings) in order to ``nums``, sorted; None when
     an operation uses a number not present, breaks the rules or states a wrong result."""
-    current = list(nums)
+    current = sorted(nums)
     for op in ops:
         try:
-            x, sign, y, z = traces.parse_operation(op)
+            current, _ = _step(current, *traces.parse_operation(op))
         except traces.TraceFormatError:
             return None
-        for operand in (x, y):
-            if operand not in current:
-                return None
-            current.remove(operand)
-        if _apply(x, sign, y)[0] != z:
+        if current is None:
             return None
-        current.append(z)
-    return sorted(current)
+    return current
 
 
 def verify_path(nums: Sequence[int], target: int, path: str) -> Verdict:
@@ -173,21 +183,12 @@ def _verify_path(nums: list[int], target: int, path: str) -> Verdict:
             if sorted(state) != current:
                 return Verdict(False, f"state {list(state)} is not the current numbers {current}")
         elif line.kind == "exploring":
-            x, op, y, z = traces.parse_operation(line.fields[0])
-            pool = list(current)
-            for operand in (x, y):
-                if operand not in pool:
-                    return Verdict(False, f"operand {operand} not in current numbers {current}")
-                pool.remove(operand)
-            value, why = _apply(x, op, y)
-            if value is None:
+            pool, why = _step(current, *traces.parse_operation(line.fields[0]))
+            if pool is None:
                 return Verdict(False, why)
-            if value != z:
-                return Verdict(False, f"wrong arithmetic {x}{op}{y}={z} (is {value})")
-            pool.append(value)
-            if sorted(line.fields[1]) != sorted(pool):
-                return Verdict(False, f"resulting numbers {list(line.fields[1])} should be {sorted(pool)}")
-            current = sorted(pool)
+            if sorted(line.fields[1]) != pool:
+                return Verdict(False, f"resulting numbers {list(line.fields[1])} should be {pool}")
+            current = pool
             steps += 1
         elif line.kind == "goal":
             if steps == 0:

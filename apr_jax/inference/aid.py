@@ -110,9 +110,11 @@ class ArithmeticAid:
         return []
 
 
-_ROOT_NODE = re.compile(rf"{re.escape(traces.GENERATED)}(0,\d+): ")
-_BUDGET = re.compile(rf"^{re.escape(traces.SUB_CALL_BUDGET)}(\d+) {re.escape(traces.MOVING)}0\n")
-_EXPLORED_OP = re.compile(rf"^{re.escape(traces.EXPLORING)}(\S+){re.escape(traces.RESULTING)}")
+def _parsed(line: str) -> traces.Line | None:
+    try:
+        return traces.parse_line(line)
+    except traces.TraceFormatError:
+        return None
 
 
 class SpawnAid:
@@ -137,22 +139,29 @@ class SpawnAid:
     def force(self, ids: Sequence[int]) -> list[int]:
         if not ids or ids[-1] != self.triggers[0]:
             return []
-        text = self.codec.text(ids)
-        budget = _BUDGET.match(text)
-        if budget is None or int(budget.group(1)) < 1:
+        prefix, body = traces.strip_condition_prefix(self.codec.text(ids))
+        root = traces.moving_line("0")
+        if not prefix.startswith(traces.SUB_CALL_BUDGET) or not body.startswith(root):
             return []
-        body = text[budget.end():]
+        budget = int(prefix[len(traces.SUB_CALL_BUDGET):])
+        if budget < 1:
+            return []
+        body = body[len(root):]
         if any(marker in body for marker in (traces.MOVING, traces.SPAWN_OPEN, traces.JOIN_OPEN)):
             return []  # past the root's expansion, already spawned, or a continuation call
         lines = body.split("\n")
-        current = _ROOT_NODE.match(lines[-1])
-        explored = _EXPLORED_OP.match(lines[-2]) if len(lines) >= 2 else None
-        if current is None or explored is None:
+        explored = _parsed(lines[-2]) if len(lines) >= 2 else None
+        if explored is None or explored.kind != "exploring":
             return []
-        nodes = list(dict.fromkeys(m.group(1) for m in map(_ROOT_NODE.match, lines) if m))
-        if len(nodes) < int(budget.group(1)) or current.group(1) != nodes[-1]:
-            return []  # fewer nodes than asked for, or this line repeats an earlier node
-        return self.codec.ids(f"{explored.group(1)}\n{traces.spawn_block(1, nodes)}") + [self.codec.eos_id]
+        op = explored.fields[0]
+        current = _parsed(lines[-1] + op)  # the line as the aid would finish it
+        if current is None or current.kind != "generated":
+            return []
+        listed = [line.fields[0] for line in map(_parsed, lines[:-1]) if line is not None and line.kind == "generated"]
+        nodes = list(dict.fromkeys(listed + [current.fields[0]]))
+        if current.fields[0] in listed or len(nodes) < budget:
+            return []  # this line repeats an earlier node, or fewer nodes than asked for
+        return self.codec.ids(f"{op}\n{traces.spawn_block(1, nodes)}") + [self.codec.eos_id]
 
 
 class CombinedAid:

@@ -166,18 +166,21 @@ def spawn_hazard(log_probs, tok, seqs: list[np.ndarray]) -> dict:
             for k, sides in sorted(sums.items())}
 
 
-def model_log_probs(cfg, params):
-    """``log_probs(ids [T]) -> [T, V]`` of one model (ids padded to a multiple of 128: few compilations)."""
+@functools.partial(jax.jit, static_argnames="cfg")
+def _log_softmax(cfg, params, tokens):
     from apr_jax.model import llama
 
-    @jax.jit
-    def fn(tokens):
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        return jax.nn.log_softmax(llama.forward(cfg, params, tokens, positions)[0], axis=-1)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return jax.nn.log_softmax(llama.forward(cfg, params, tokens, positions)[0], axis=-1)
+
+
+def model_log_probs(cfg, params):
+    """``log_probs(ids [T]) -> [T, V]`` of one model. Like :func:`model_predictor`, one jitted function per
+    config (parameters are an argument, not constants), compiled once per padded width (multiples of 128)."""
 
     def log_probs(ids):
         width = -(-len(ids) // 128) * 128
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :len(ids)] = ids
-        return np.asarray(fn(jnp.asarray(tokens)))[0, :len(ids)]
+        return np.asarray(_log_softmax(cfg, params, jnp.asarray(tokens)))[0, :len(ids)]
     return log_probs
