@@ -1,5 +1,5 @@
 # Quick start (fresh machine with python3 and make):
-#   make demo   -> sets up .venv and runs the main job on the CPU-sized `mini` preset
+#   make demo   -> sets up .venv and runs the main job on the CPU-sized `mini3` preset
 #   make test   -> sets up .venv and runs the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/apr-jax demo --preset mini --out runs/demo
+	$(VENV)/bin/apr-jax demo --preset mini3 --out runs/demo
 
 demo-quick: $(STAMP)
-	$(VENV)/bin/apr-jax demo --preset mini --quick --out runs/demo_quick
+	$(VENV)/bin/apr-jax demo --preset mini3 --quick --out runs/demo_quick
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -n 2

@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("demo", help="the main job: the whole pipeline on a preset")
-    _add_preset(p)
+    _add_preset(p, default="mini3")
     p.add_argument("--out", help="output folder (default runs/demo, or runs/demo_quick with --quick); a rerun "
                                   "skips finished stages and resumes the interrupted one")
     p.add_argument("--quick", action="store_true", help="same stages, small numbers: minutes instead of hours")

@@ -42,7 +42,15 @@ class Plan:
       sc_problems: problems of the self-consistency evaluation.
       rl_steps, rl_problems_per_step, rl_group_size: the GRPO run.
       slots: threads the engine decodes at once.
-      aid: decoding aid of the aided evaluations and of the GRPO rollouts.
+      aid: decoding aid of the aided evaluations (applied to every method alike).
+      apr_sft_steps, apr_sft_batch: the APR model's SFT steps and batch (None: ``sft_steps``/``sft_batch``).
+      apr_from_sosp: start the APR model from the SoS+ model's parameters (fresh optimizer, schedule
+        ``apr_lr``) instead of a random initialisation: on 3 numbers only a warm-started APR model spawns.
+      sft_lr, apr_lr: (init, peak, end, warmup steps) of each SFT schedule (None: the preset's).
+      sub_call_budget: train the APR model on data with the paper's child-count prefixes (a second data
+        folder, ``data_cond``) and evaluate and roll it out with ``Sub Call Budget: n``; None: no prefix.
+      apr_aids: further aids applied to the APR evaluations only, each one more row (e.g. ``"spawn"``).
+      rl_aid, rl_temperature: the GRPO rollouts' aid and temperature (None: ``"none"`` and the preset's).
       estimates_s: rough seconds per stage kind on a 2-core CPU (only for the time-left estimate).
     """
 
@@ -64,23 +72,43 @@ class Plan:
     rl_group_size: int
     slots: int = 32
     aid: str = "arithmetic"
+    apr_sft_steps: int | None = None
+    apr_sft_batch: int | None = None
+    apr_from_sosp: bool = False
+    sft_lr: tuple[float, float, float, int] | None = None
+    apr_lr: tuple[float, float, float, int] | None = None
+    sub_call_budget: int | None = None
+    apr_aids: tuple[str, ...] = ()
+    rl_aid: str | None = None
+    rl_temperature: float | None = None
     estimates_s: tuple[tuple[str, float], ...] = ()
 
+    def sft_size(self, method: str) -> tuple[int, int]:
+        """(steps, sequences per step) of one method's SFT run."""
+        if method == "apr":
+            return self.apr_sft_steps or self.sft_steps, self.apr_sft_batch or self.sft_batch
+        return self.sft_steps, self.sft_batch
 
-# Sized on a 2-core CPU (docs/experiments.md): an SFT step of 4 mini-preset sequences takes about 6-10 s,
-# and a weak model's threads run to their context, so evaluation costs are set by contexts and problem counts.
-FULL = Plan("full", None, None, sft_steps=200, sft_batch=4, sft_seq_len=None, eval_problems=32, eval_context=2048,
-            max_total_tokens=8192, sweep_contexts=(512, 1024), sweep_problems=16, sc_samples=4, sc_problems=8,
-            rl_steps=2, rl_problems_per_step=4, rl_group_size=4,
-            # measured stage times of a quiet full run (docs/experiments.md): SFT 23 and 16 min, evaluations
-            # 1.2-6.2 min, sweep points 0.4-1.7, self-consistency 1.8, GRPO 4.6
-            estimates_s=(("data", 85), ("sft", 1150), ("probe", 30), ("eval", 200), ("sweep", 60), ("sc", 110),
-                         ("rl", 280), ("report", 10)))
+
+# Sized on a 2-core CPU for the 3-number task (``--preset mini3``, docs/experiments.md): one SoS+ run of the
+# token count that reached 31.5% there in three warm restarts (about 6.5M tokens, 2,200 tokens/s), the APR model
+# warm-started from it on child-count-prefixed data (1,100 steps of 24 gave 13% plain there), evaluations on 200
+# problems at 1,024 tokens per thread (a few seconds per 10 problems), and a short GRPO run at temperature 0.5
+# (at 1.0 the SFT model solves nothing to learn from).
+FULL = Plan("full", None, None, sft_steps=2600, sft_batch=8, sft_seq_len=None, eval_problems=200, eval_context=1024,
+            max_total_tokens=8192, sweep_contexts=(256, 512), sweep_problems=100, sc_samples=8, sc_problems=100,
+            rl_steps=3, rl_problems_per_step=16, rl_group_size=5, slots=32,
+            apr_sft_steps=900, apr_sft_batch=24, apr_from_sosp=True, apr_lr=(3e-5, 3e-4, 1e-5, 25),
+            sub_call_budget=4, apr_aids=("spawn",), rl_temperature=0.5,
+            estimates_s=(("data", 40), ("sft", 3100), ("sft_apr", 1900), ("probe", 40), ("eval", 90), ("sweep", 30),
+                         ("sc", 200), ("rl", 400), ("report", 10)))
 QUICK = Plan("quick", 2_000, 100, sft_steps=24, sft_batch=4, sft_seq_len=1024, eval_problems=8, eval_context=512,
              max_total_tokens=2048, sweep_contexts=(256,), sweep_problems=8, sc_samples=2, sc_problems=4, rl_steps=1,
              rl_problems_per_step=2, rl_group_size=2, slots=16,
-             estimates_s=(("data", 10), ("sft", 150), ("probe", 15), ("eval", 30), ("sweep", 15), ("sc", 30),
-                          ("rl", 90), ("report", 5)))
+             apr_from_sosp=True, apr_lr=(3e-5, 3e-4, 1e-5, 5), sub_call_budget=4, apr_aids=("spawn",),
+             rl_temperature=0.5,
+             estimates_s=(("data", 10), ("sft", 100), ("probe", 15), ("eval", 20), ("sweep", 15), ("sc", 20),
+                          ("rl", 60), ("report", 5)))
 PLANS = {"full": FULL, "quick": QUICK}
 
 
@@ -114,6 +142,10 @@ class Demo:
     def sft_dir(self, method: str) -> Path:
         return self.out / f"sft_{method}"
 
+    def method_data_dir(self, method: str) -> Path:
+        """The data an SFT run of ``method`` trains on (APR: the child-count-prefixed copy when the plan asks)."""
+        return self.out / "data_cond" if method == "apr" and self.plan.sub_call_budget is not None else self.data_dir
+
     @property
     def rl_dir(self) -> Path:
         return self.out / "rl_apr"
@@ -127,6 +159,9 @@ class Demo:
         from apr_jax.data import datasets
 
         manifest = datasets.generate(self.data_cfg, self.data_dir, workers=self.workers, progress=self.progress)
+        if self.plan.sub_call_budget is not None:  # same problems and demonstrations, prefixed token arrays
+            datasets.generate(dataclasses.replace(self.data_cfg, condition_prefix=True), self.method_data_dir("apr"),
+                              workers=self.workers, progress=self.progress)
         return {"stats": manifest["stats"], "vocab_size": manifest["vocab_size"]}
 
     def _sft(self, method: str) -> dict:
@@ -136,14 +171,18 @@ class Demo:
         run_dir, plan = self.sft_dir(method), self.plan
         ckpts = run_dir / "checkpoints"
         resume = ckpts.is_dir() and RunCheckpointer(ckpts, read_only=True).latest_step() is not None
+        steps, batch = plan.sft_size(method)
         seq_len = {} if plan.sft_seq_len is None else {"seq_len": plan.sft_seq_len}
-        cfg = dataclasses.replace(self.preset.train, steps=plan.sft_steps, epochs=None, batch_size=plan.sft_batch,
-                                  warmup_steps=min(self.preset.train.warmup_steps, max(1, plan.sft_steps // 4)),
-                                  **seq_len,
-                                  eval_every=max(1, plan.sft_steps // 5), ckpt_every=max(1, plan.sft_steps // 10),
-                                  eval_batches=4)
-        summary = sft.train(self.preset.model, cfg, self.data_dir, method, run_dir, resume=resume,
-                            preset=self.preset.name)
+        lr = plan.apr_lr if method == "apr" and plan.apr_from_sosp else plan.sft_lr
+        if lr is None:
+            lr = {"warmup_steps": min(self.preset.train.warmup_steps, max(1, steps // 4))}
+        else:
+            lr = dict(zip(("init_lr", "peak_lr", "end_lr", "warmup_steps"), lr))
+        cfg = dataclasses.replace(self.preset.train, steps=steps, epochs=None, batch_size=batch, **lr, **seq_len,
+                                  eval_every=max(1, steps // 5), ckpt_every=max(1, steps // 10), eval_batches=4)
+        init = self.sft_dir("sosp") if method == "apr" and plan.apr_from_sosp else None
+        summary = sft.train(self.preset.model, cfg, self.method_data_dir(method), method, run_dir, resume=resume,
+                            preset=self.preset.name, init_from=init)
         if summary["interrupted"]:
             raise KeyboardInterrupt(f"SFT {method} interrupted at step {summary['final_step']} (checkpoint saved)")
         return {k: summary[k] for k in ("steps", "final_step", "train_loss", "val_loss", "tokens_seen", "wall_s")}
@@ -160,7 +199,7 @@ class Demo:
         out = {}
         for method in ("sosp", "apr"):
             cfg, params, tok = load_run_model(self.sft_dir(method))
-            seqs = validation_sequences(self.data_dir, method, self.plan.eval_problems)
+            seqs = validation_sequences(self.method_data_dir(method), method, self.plan.eval_problems)
             out[method] = {"sequences": len(seqs), "kinds": probe_checkpoint(cfg, params, tok, seqs)}
         return out
 
@@ -170,10 +209,13 @@ class Demo:
         from apr_jax.train.checkpoint import RunCheckpointer
 
         plan = self.plan
+        temperature = {} if plan.rl_temperature is None else {"temperature": plan.rl_temperature}
         cfg = dataclasses.replace(self.preset.rl, kl_beta=METHOD_KL_BETA["apr"], steps=plan.rl_steps,
-                                  problems_per_step=plan.rl_problems_per_step, group_size=plan.rl_group_size)
+                                  problems_per_step=plan.rl_problems_per_step, group_size=plan.rl_group_size,
+                                  **temperature)
         loop = grpo.LoopConfig(slots=plan.slots, micro_batch=8, context=plan.eval_context,
-                               max_total_tokens=plan.max_total_tokens, eval_every=0, ckpt_every=1, aid=plan.aid)
+                               max_total_tokens=plan.max_total_tokens, eval_every=0, ckpt_every=1,
+                               aid=plan.rl_aid or "none", sub_call_budget=plan.sub_call_budget)
         ckpts = self.rl_dir / "checkpoints"
         resume = ckpts.is_dir() and RunCheckpointer(ckpts, read_only=True).latest_step() is not None
         summary = grpo.train(self.sft_dir("apr"), self.rl_dir, cfg, loop, resume=resume, progress=self.progress)
@@ -192,7 +234,8 @@ class Demo:
         budget = self.plan.max_total_tokens
         if budget is not None and mode == "sc":
             budget *= samples  # the budget is per problem; self-consistency's samples share it
-        run = RunConfig(mode=mode, samples=samples, seed=0, budgets=Budgets(max_total_tokens=budget))
+        run = RunConfig(mode=mode, samples=samples, seed=0, budgets=Budgets(max_total_tokens=budget),
+                        sub_call_budget=self.plan.sub_call_budget if mode == "apr" else None)
         _, summary = ev.evaluate(model_cfg, params, tok, problems, run, slots=self.plan.slots, context=context,
                                  sampling=Sampling(temperature=temperature), out=self.eval_file(name),
                                  progress=self.progress, aid=aid)
@@ -204,12 +247,18 @@ class Demo:
         path = report.write_report(self)
         return {"report": str(path)}
 
+    def _apr_eval_stage(self, stage: str, run_dir: Path, aid: str) -> Stage:
+        """An APR-only evaluation with one of ``plan.apr_aids`` (result ``apr_{stage}_{aid}``)."""
+        name = f"apr_{stage}_{aid.replace('+', '_')}"
+        return Stage(f"eval_{name}", "eval", lambda: self._eval(name, run_dir, "apr", n=self.plan.eval_problems,
+                                                                aid=aid, context=self.plan.eval_context))
+
     def stages(self) -> list[Stage]:
         plan, aid = self.plan, self.plan.aid
         sosp, apr = self.sft_dir("sosp"), self.sft_dir("apr")
         out = [Stage("data", "data", self._data),
                Stage("sft_sosp", "sft", lambda: self._sft("sosp")),
-               Stage("sft_apr", "sft", lambda: self._sft("apr")),
+               Stage("sft_apr", "sft_apr", lambda: self._sft("apr")),
                Stage("probe_sft", "probe", self._probe)]
         for label, aid_name in (("plain", "none"), ("aided", aid)):
             for method, run_dir in (("sosp", sosp), ("apr", apr)):
@@ -217,6 +266,8 @@ class Demo:
                 out.append(Stage(f"eval_{name}", "eval", lambda name=name, run_dir=run_dir, method=method,
                                  aid_name=aid_name: self._eval(name, run_dir, method, n=plan.eval_problems,
                                                                aid=aid_name, context=plan.eval_context)))
+        for aid_name in plan.apr_aids:
+            out.append(self._apr_eval_stage("sft", apr, aid_name))
         for ctx in plan.sweep_contexts:
             for method, run_dir in (("sosp", sosp), ("apr", apr)):
                 name = f"{method}_sft_aided_ctx{ctx}"
@@ -230,6 +281,8 @@ class Demo:
             name = f"apr_rl_{label}"
             out.append(Stage(f"eval_{name}", "eval", lambda name=name, aid_name=aid_name: self._eval(
                 name, self.rl_dir, "apr", n=plan.eval_problems, aid=aid_name, context=plan.eval_context)))
+        for aid_name in plan.apr_aids:
+            out.append(self._apr_eval_stage("rl", self.rl_dir, aid_name))
         out.append(Stage("report", "report", self._report))
         return out
 
@@ -254,6 +307,8 @@ class Demo:
                              "use another --out or delete the folder")
         plan_file.write_text(json.dumps(record, indent=1) + "\n")
         estimates = dict(self.plan.estimates_s)
+        if "sft" in estimates:
+            estimates.setdefault("sft_apr", estimates["sft"])
         stages = self.stages()
         t0, spent_est, spent, ran = time.perf_counter(), 0.0, 0.0, False
         for i, stage in enumerate(stages, 1):

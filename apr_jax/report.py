@@ -37,6 +37,11 @@ PROBE_KINDS = (("other", "format: line openings, brackets, markers"),
                ("state", "a `Current State` line (retrieval of an earlier node)"))
 
 
+#: What each APR-only aid of a plan's ``apr_aids`` does (:mod:`apr_jax.inference.aid`).
+APR_AIDS = {"spawn": "the runtime writes the spawn block once the parent has listed as many root nodes as its "
+                     "`Sub Call Budget` (enforcing the prefix); all else is the model's"}
+
+
 def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -223,6 +228,9 @@ def write_report(demo) -> Path:
              f"{demo.data_cfg.min_target}..{demo.data_cfg.max_target}, numbers as {demo.data_cfg.number_mode}; "
              f"{demo.data_cfg.num_train:,} training problems",
              f"- model: {model.num_params() / 1e6:.1f}M parameters, context {model.max_seq_len}"]
+    if plan.sub_call_budget is not None:
+        lines.append(f"- APR trained on demonstrations with the paper's child-count prefix and evaluated with "
+                     f"`Sub Call Budget: {plan.sub_call_budget}`")
     stats = data.get("summary", {}).get("stats", {}).get("train")
     if stats:
         lines.append(f"- solver ceilings (training data solved): SoS+ {_pct(stats['sosp']['solved_fraction'])}, APR "
@@ -234,8 +242,10 @@ def write_report(demo) -> Path:
             walls[f"sft_{m}"] = max(walls.get(f"sft_{m}", 0.0), run_seconds(demo.sft_dir(m)))
             train = "n/a" if s.get("train_loss") is None else f"{s['train_loss']:.3f}"
             val = "n/a" if s.get("val_loss") is None else f"{s['val_loss']:.3f}"
-            lines.append(f"- SFT {label}: {s['final_step']} steps of {plan.sft_batch}, {s['tokens_seen']:,} tokens, "
-                         f"train loss {train}, validation loss {val}, {walls[f'sft_{m}'] / 60:.0f} min")
+            start = " from the SoS+ model" if m == "apr" and plan.apr_from_sosp else ""
+            lines.append(f"- SFT {label}{start}: {s['final_step']} steps of {plan.sft_size(m)[1]}, "
+                         f"{s['tokens_seen']:,} tokens, train loss {train}, validation loss {val}, "
+                         f"{walls[f'sft_{m}'] / 60:.0f} min")
     probed = (demo.done("probe_sft") or {}).get("summary")
     if probed:
         lines += ["", "## What the SFT models learned (teacher-forced)", "",
@@ -254,6 +264,12 @@ def write_report(demo) -> Path:
                        ("apr_rl_plain", "APR SFT+RL, plain"), ("sosp_sft_aided", "SoS+ SFT, aided"),
                        ("apr_sft_aided", "APR SFT, aided"), ("apr_rl_aided", "APR SFT+RL, aided")):
         lines.append(_row(label, get(key)))
+    for aid in plan.apr_aids:
+        key = aid.replace("+", "_")
+        lines += [_row(f"APR SFT, {aid} aid", get(f"apr_sft_{key}")), _row(f"APR SFT+RL, {aid} aid", get(f"apr_rl_{key}"))]
+    if plan.apr_aids:
+        lines += ["", "Rows with an APR-only aid: " + "; ".join(f"`{a}`: {APR_AIDS.get(a, a)}" for a in plan.apr_aids)
+                  + " (labelled; not applied to SoS+, which has no spawn)."]
     lines += ["", f"Paper: SoS+ SFT {_pct(PAPER['sosp_sft_greedy'])}, APR SFT {_pct(PAPER['apr_sft_greedy'])}, "
               f"APR SFT+RL {_pct(PAPER['apr_rl_greedy'])}.", "", "![accuracy](accuracy.png)", ""]
 
@@ -310,7 +326,8 @@ def write_report(demo) -> Path:
     rl = (demo.done("rl_apr") or {}).get("summary")
     if rl:
         lines.append(f"\nGRPO: {rl['steps']} step(s) of {plan.rl_problems_per_step} problems x G={plan.rl_group_size} "
-                     f"(aid: {plan.aid}), {walls.get('rl_apr', 0) / 60:.0f} min; last step reward "
+                     f"(aid: {plan.rl_aid or 'none'}, temperature {plan.rl_temperature or demo.preset.rl.temperature}), "
+                     f"{walls.get('rl_apr', 0) / 60:.0f} min; last step reward "
                      f"{rl['last'].get('reward', 0):.3f}, KL {rl['last'].get('kl', 0):.4f}.")
     lines += [f"\nPaper: {_pct(PAPER['apr_sft_greedy'])} -> {_pct(PAPER['apr_rl_greedy'])}, children "
               f"{PAPER['children_sft_rl'][0]} -> {PAPER['children_sft_rl'][1]}.", ""]
