@@ -129,3 +129,33 @@ def test_rollouts_carry_the_conditioning_prefix(sft_run):
         assert parent["prompt_ids"] == [bos] + codec.ids(parent["prompt"])
     plain = grpo.rollouts(model_cfg, params, codec, [problem], "apr", cfg, LOOP, 0, eos)
     assert plain[0]["threads"][0]["prompt"].startswith("Moving to Node #0\n")
+
+
+def test_skip_uniform_groups_trains_only_on_groups_with_varied_rewards(sft_run, tmp_path, monkeypatch):
+    group = presets.load("tiny").rl.group_size
+    seen = []
+    real = grpo.rollouts
+
+    def record(*args, **kwargs):
+        records = real(*args, **kwargs)
+        for i, r in enumerate(records):
+            r["correct"] = i == 0  # only the first group has two different rewards
+        seen.extend(records)
+        return records
+
+    monkeypatch.setattr(grpo, "rollouts", record)
+    last = run(sft_run, tmp_path / "skip", skip_uniform_groups=True)["last"]
+    assert len(seen) > group and last["kept_rollouts"] == group
+    first_group_sequences = sum(1 for r in seen[:group] for t in r["threads"] if t.get("token_ids"))
+    assert last["sequences"] == first_group_sequences
+    seen.clear()
+    assert run(sft_run, tmp_path / "all", skip_uniform_groups=False)["last"]["kept_rollouts"] == len(seen)
+
+
+def test_skip_uniform_groups_with_no_varied_group_makes_no_update(sft_run, tmp_path):
+    summary = run(sft_run, tmp_path / "rl", skip_uniform_groups=True)  # the tiny model solves nothing
+    assert summary["last"]["reward"] == 0.0
+    assert summary["last"]["kept_rollouts"] == 0 and summary["last"]["sequences"] == 0
+    _, before = load_run(sft_run)
+    _, after = load_run(tmp_path / "rl")
+    np.testing.assert_array_equal(flat(before), flat(after))

@@ -16,6 +16,7 @@ from apr_jax.rl import (
     group_advantages,
     grpo_loss,
     importance_ratio,
+    informative_rollouts,
     k3_kl,
     pad_batch,
     reward,
@@ -41,6 +42,12 @@ def test_group_advantages_eps_and_shape_check():
     np.testing.assert_allclose(np.asarray(adv_B), [1 / 3, -1 / 3], rtol=1e-6)
     with pytest.raises(ValueError, match="group_size"):
         group_advantages(jnp.zeros(7), 5)
+
+
+def test_informative_rollouts_marks_groups_with_two_different_rewards():
+    mask = informative_rollouts([0, 0, 1, 0, 1, 1, 0.5, 0.5], 2)
+    np.testing.assert_array_equal(mask, [False, False, True, True, False, False, False, False])
+    assert informative_rollouts([0.0, 0.0, 0.0], 3).tolist() == [False] * 3
 
 
 def test_reward_definition():

@@ -56,6 +56,11 @@ class GRPOConfig:
       seed: seeds problem sampling and rollouts.
       sequential_token_penalty: optional reward shaping (0 = off, the paper's setting).
       children_penalty: optional reward shaping (0 = off, the paper's setting).
+      skip_uniform_groups: drop the trees of groups whose rewards are all equal before the update (off: the
+        paper's objective). Their advantages are 0, so they would add only the KL term; the aggregation then
+        divides by the kept rollouts, and their log-prob and gradient passes are saved: at a low success
+        rate most groups are uniform. DAPO's dynamic-sampling filter (Yu et al. 2025) without resampling.
+        A step with no varied group makes no update.
 
     The reward of a rollout is
     ``reward = verified - sequential_token_penalty * (sequential_tokens / 1000) - children_penalty * children``
@@ -76,6 +81,7 @@ class GRPOConfig:
     seed: int = 0
     sequential_token_penalty: float = 0.0
     children_penalty: float = 0.0
+    skip_uniform_groups: bool = False
 
     def __post_init__(self) -> None:
         _int_at_least("group_size", self.group_size, 2)
@@ -93,6 +99,8 @@ class GRPOConfig:
         _int_at_least("seed", self.seed, 0)
         _non_negative("sequential_token_penalty", self.sequential_token_penalty)
         _non_negative("children_penalty", self.children_penalty)
+        if not isinstance(self.skip_uniform_groups, bool):
+            raise ValueError(f"GRPOConfig.skip_uniform_groups must be a bool, got {self.skip_uniform_groups!r}")
 
     @property
     def rollouts_per_step(self) -> int:

@@ -46,7 +46,7 @@ from apr_jax.inference.sampling import Sampling
 from apr_jax.model import forward, llama
 from apr_jax.model.config import LlamaConfig
 from apr_jax.rl.config import GRPOConfig
-from apr_jax.rl.objective import group_advantages, grpo_loss, reward, token_logprobs
+from apr_jax.rl.objective import group_advantages, grpo_loss, informative_rollouts, reward, token_logprobs
 from apr_jax.rl.sequences import Sequence as TrainSequence, bucket_width, pad_batch, rollout_sequences
 from apr_jax.train import sharding as sh
 
@@ -257,13 +257,17 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
             rewards = np.array([reward(r["correct"], r["sequential_tokens"], r["children"], cfg) for r in records],
                                np.float32)
             adv = np.asarray(group_advantages(jnp.asarray(rewards), cfg.group_size, cfg.adv_eps))
-            seqs = rollout_sequences(records, adv.tolist())
-            batches = micro_batches(seqs, loop.micro_batch, context, pad)
+            keep = (informative_rollouts(rewards, cfg.group_size) if cfg.skip_uniform_groups
+                    else np.ones(len(records), bool))
+            kept = [r for r, k in zip(records, keep) if k]
+            seqs = rollout_sequences(kept, adv[keep].tolist())
+            batches = micro_batches(seqs, loop.micro_batch, context, pad) if seqs else []
             sharded = [sh.shard_batch(b, mesh) for b in batches]
-            num_rollouts = jnp.float32(len(records))
+            num_rollouts = jnp.float32(len(kept))
             refs = [ref_fn(ref_params, b["inputs_BT"], b["targets_BT"]) for b in sharded]
             t1 = time.perf_counter()
-            for _ in range(cfg.inner_updates):
+            total, aux, grad_norm = 0.0, [], 0.0
+            for _ in range(cfg.inner_updates if sharded else 0):
                 total, aux, grads = 0.0, [], None
                 for b, ref in zip(sharded, refs):
                     (loss, metrics), g = grad_fn(params, b, ref, num_rollouts)
@@ -278,11 +282,13 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
             values = {
                 "loss": float(total), "reward": float(rewards.mean()),
                 "accuracy": float(np.mean([r["correct"] for r in records])),
-                "kl": float(sum(m["kl"] for m in aux)), "clip_fraction": float(np.mean([m["clip_fraction"] for m in aux])),
+                "kl": float(sum(m["kl"] for m in aux)),
+                "clip_fraction": float(np.mean([m["clip_fraction"] for m in aux])) if aux else 0.0,
                 "grad_norm": float(grad_norm), "children": float(np.mean([r["children"] for r in records])),
                 "total_tokens": float(np.mean([r["total_tokens"] for r in records])),
                 "sequential_tokens": float(np.mean([r["sequential_tokens"] for r in records])),
-                "sequences": len(seqs), "rollout_s": round(t_roll, 2), "update_s": round(t_update, 2),
+                "sequences": len(seqs), "kept_rollouts": len(kept),
+                "rollout_s": round(t_roll, 2), "update_s": round(t_update, 2),
                 "rollout_tokens_per_s": generated / max(t_roll, 1e-9),
                 "update_tokens_per_s": trained_tokens / max(t_update, 1e-9),
             }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from apr_jax.rl.config import GRPOConfig
 
@@ -32,6 +33,17 @@ def group_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-10) 
     mean_P1 = rewards_PG.mean(axis=1, keepdims=True)
     std_P1 = rewards_PG.std(axis=1, keepdims=True)
     return ((rewards_PG - mean_P1) / (std_P1 + eps)).reshape(-1)
+
+
+def informative_rollouts(rewards_B, group_size: int) -> np.ndarray:
+    """Boolean mask over rollouts: True where the rollout's group holds at least two different rewards.
+
+    A group whose rewards are all equal has advantage 0 for every member (:func:`group_advantages`), so
+    its trees add only the KL term to an update; ``GRPOConfig.skip_uniform_groups`` drops them.
+    """
+    rewards_PG = np.asarray(rewards_B, np.float32).reshape(-1, group_size)
+    varied_P = rewards_PG.max(axis=1) > rewards_PG.min(axis=1)
+    return np.repeat(varied_P, group_size)
 
 
 def reward(verified: bool, sequential_tokens: int, children: int, cfg: GRPOConfig) -> float:
