@@ -299,8 +299,11 @@ def write_report(demo) -> Path:
         lines.append(f"| {r['n']} | {_pct(r['pass_at_n'])} | {_pct(r['cons_at_n'])} | {r['mean_total_tokens']:.0f} | "
                      f"{_pct(PAPER['sosp_pass_at_n'][i]) if i < 8 else ''} | "
                      f"{_pct(PAPER['sosp_cons_at_n'][i]) if i < 8 else ''} |")
-    apr_points = {label: (s["mean_total_tokens"], s["accuracy"]) for key, label in
-                  (("apr_sft_aided", "APR SFT"), ("apr_rl_aided", "APR SFT+RL")) if (s := get(key))}
+    apr_keys = [("apr_sft_aided", "APR SFT"), ("apr_rl_aided", "APR SFT+RL")]
+    for aid in plan.apr_aids:
+        key = aid.replace("+", "_")
+        apr_keys += [(f"apr_sft_{key}", f"APR SFT, {aid} aid"), (f"apr_rl_{key}", f"APR SFT+RL, {aid} aid")]
+    apr_points = {label: (s["mean_total_tokens"], s["accuracy"]) for key, label in apr_keys if (s := get(key))}
     for label, (tokens, acc) in apr_points.items():
         lines.append(f"\n{label}: {_pct(acc)} at {tokens:.0f} mean total tokens.")
     lines += ["", "![compute scaling](compute_scaling.png)", ""]
@@ -345,7 +348,7 @@ def write_report(demo) -> Path:
         label: ((get(f"{k}_plain") or {}).get("accuracy"), (get(f"{k}_aided") or {}).get("accuracy"))
         for k, label in (("sosp_sft", "SoS+ SFT"), ("apr_sft", "APR SFT"), ("apr_rl", "APR SFT+RL"))})
     plot_context(out / "same_context.png", ctx_points)
-    plot_scaling(out / "compute_scaling.png", sc, apr_points)
+    plot_scaling(out / "compute_scaling.png", sc, apr_points, preset=demo.preset.name)
     plot_latency(out / "latency.png", lat_points)
     results = {"preset": demo.preset.name, "plan": plan.name, "evaluations": summaries, "sc_curves": sc,
                "stage_wall_s": walls, "paper": PAPER}
