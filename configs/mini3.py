@@ -1,4 +1,4 @@
-"""CPU-sized side preset: the mini model on 3 input numbers up to 30, where models trained on a CPU do solve.
+"""CPU preset of ``apr-jax demo``: the mini model on 3 input numbers up to 30, where CPU-trained models solve.
 
 On the paper's 4-number task (the ``mini`` preset) a 5M-parameter model trained for hours on two cores solves
 no problem (docs/experiments.md). With 3 numbers up to 30 the SoS+ demonstrations are 312 tokens long instead
