@@ -51,6 +51,9 @@ class Plan:
         folder, ``data_cond``) and evaluate and roll it out with ``Sub Call Budget: n``; None: no prefix.
       apr_aids: further aids applied to the APR evaluations only, each one more row (e.g. ``"spawn"``).
       rl_aid, rl_temperature: the GRPO rollouts' aid and temperature (None: ``"none"`` and the preset's).
+      rl_skip_uniform_groups: GRPO trains only on groups whose rewards differ
+        (:attr:`apr_jax.rl.config.GRPOConfig.skip_uniform_groups`; the paper's objective keeps every group).
+      rl_aided_eval: evaluate the GRPO model with ``aid`` too (its plain and ``apr_aids`` rows always run).
       estimates_s: rough seconds per stage kind on a 2-core CPU (only for the time-left estimate).
     """
 
@@ -81,6 +84,8 @@ class Plan:
     apr_aids: tuple[str, ...] = ()
     rl_aid: str | None = None
     rl_temperature: float | None = None
+    rl_skip_uniform_groups: bool = False
+    rl_aided_eval: bool = True
     estimates_s: tuple[tuple[str, float], ...] = ()
 
     def sft_size(self, method: str) -> tuple[int, int]:
@@ -91,17 +96,19 @@ class Plan:
 
 
 # Sized on a 2-core CPU for the 3-number task (``--preset mini3``, docs/experiments.md): one SoS+ run of the
-# token count that reached 31.5% there in three warm restarts (about 6.5M tokens, 2,200 tokens/s), the APR model
-# warm-started from it on child-count-prefixed data (1,100 steps of 24 gave 13% plain there), evaluations on 200
-# problems at 1,024 tokens per thread (a few seconds per 10 problems), and a short GRPO run at temperature 0.5
-# (at 1.0 the SFT model solves nothing to learn from).
+# token count that reached 31.5% there in three warm restarts (about 6.5M tokens; 30.5% in the first full demo),
+# the APR model warm-started from it on child-count-prefixed data (600 steps of 24: the first demo's 900 took
+# 40 of its 163 minutes for 8% plain), evaluations on 200 problems at 1,024 tokens per thread (100 for the
+# sweep and self-consistency), and a short GRPO run at temperature 0.5 (at 1.0 the SFT model solves nothing to
+# learn from) that trains on the groups whose rewards differ only; after it, the plain and spawn-aid rows.
 FULL = Plan("full", None, None, sft_steps=2600, sft_batch=8, sft_seq_len=None, eval_problems=200, eval_context=1024,
             max_total_tokens=8192, sweep_contexts=(256, 512), sweep_problems=100, sc_samples=8, sc_problems=100,
             rl_steps=3, rl_problems_per_step=16, rl_group_size=5, slots=32,
-            apr_sft_steps=900, apr_sft_batch=24, apr_from_sosp=True, apr_lr=(3e-5, 3e-4, 1e-5, 25),
-            sub_call_budget=4, apr_aids=("spawn",), rl_temperature=0.5,
-            estimates_s=(("data", 40), ("sft", 3100), ("sft_apr", 1900), ("probe", 40), ("eval", 90), ("sweep", 30),
-                         ("sc", 200), ("rl", 400), ("report", 10)))
+            apr_sft_steps=600, apr_sft_batch=24, apr_from_sosp=True, apr_lr=(3e-5, 3e-4, 1e-5, 25),
+            sub_call_budget=4, apr_aids=("spawn",), rl_temperature=0.5, rl_skip_uniform_groups=True,
+            rl_aided_eval=False,
+            estimates_s=(("data", 40), ("sft", 3700), ("sft_apr", 1500), ("probe", 30), ("eval", 120), ("sweep", 60),
+                         ("sc", 180), ("rl", 400), ("report", 10)))
 QUICK = Plan("quick", 2_000, 100, sft_steps=24, sft_batch=4, sft_seq_len=1024, eval_problems=8, eval_context=512,
              max_total_tokens=2048, sweep_contexts=(256,), sweep_problems=8, sc_samples=2, sc_problems=4, rl_steps=1,
              rl_problems_per_step=2, rl_group_size=2, slots=16,
@@ -212,7 +219,7 @@ class Demo:
         temperature = {} if plan.rl_temperature is None else {"temperature": plan.rl_temperature}
         cfg = dataclasses.replace(self.preset.rl, kl_beta=METHOD_KL_BETA["apr"], steps=plan.rl_steps,
                                   problems_per_step=plan.rl_problems_per_step, group_size=plan.rl_group_size,
-                                  **temperature)
+                                  skip_uniform_groups=plan.rl_skip_uniform_groups, **temperature)
         loop = grpo.LoopConfig(slots=plan.slots, micro_batch=8, context=plan.eval_context,
                                max_total_tokens=plan.max_total_tokens, eval_every=0, ckpt_every=1,
                                aid=plan.rl_aid or "none", sub_call_budget=plan.sub_call_budget)
@@ -277,7 +284,7 @@ class Demo:
             "sc_sft_aided", sosp, "sc", n=plan.sc_problems, aid=aid, samples=plan.sc_samples, temperature=1.0,
             context=plan.eval_context)))
         out.append(Stage("rl_apr", "rl", self._rl))
-        for label, aid_name in (("plain", "none"), ("aided", aid)):
+        for label, aid_name in (("plain", "none"), ("aided", aid))[:2 if plan.rl_aided_eval else 1]:
             name = f"apr_rl_{label}"
             out.append(Stage(f"eval_{name}", "eval", lambda name=name, aid_name=aid_name: self._eval(
                 name, self.rl_dir, "apr", n=plan.eval_problems, aid=aid_name, context=plan.eval_context)))

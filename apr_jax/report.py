@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from apr_jax.inference.runtime import majority_vote
+from apr_jax.inference.runtime import charged_tokens, majority_vote
 
 #: The paper's headline figures (Pan et al. 2025, Sec. 5).
 PAPER = {
@@ -68,8 +68,7 @@ def sc_curves(results: Sequence[dict]) -> list[dict]:
             if win is not None:
                 consensus += samples[win]["correct"]
             by_path = {t["path"]: t for t in r["threads"]}
-            tokens += sum(by_path[f"s{i}"]["new_prompt_tokens"] + by_path[f"s{i}"]["tokens"]
-                          for i in range(n) if f"s{i}" in by_path)
+            tokens += sum(charged_tokens(by_path[f"s{i}"]) for i in range(n) if f"s{i}" in by_path)
         k = len(results)
         rows.append({"n": n, "pass_at_n": passed / k, "cons_at_n": consensus / k, "mean_total_tokens": tokens / k})
     return rows
@@ -318,20 +317,27 @@ def write_report(demo) -> Path:
             label = "SoS+" if key.startswith("sosp") else "APR"
             lat_points[label].append((s["mean_sequential_tokens"], s["wall_s"] / max(1, s["problems"]), s["accuracy"]))
 
+    extra = [(aid.replace("+", "_"), f"accuracy {aid} aid") for aid in plan.apr_aids]
     lines += ["## 5. Effect of RL (APR)", "",
-              "| | accuracy plain | accuracy aided | children | total tokens | sequential tokens |", "|---|---|---|---|---|---|"]
+              "| | accuracy plain | accuracy aided | " + "".join(f"{h} | " for _, h in extra)
+              + "children (plain) | total tokens (plain) | sequential tokens (plain) |",
+              "|---|---|---|" + "---|" * len(extra) + "---|---|---|"]
     for stage, label in (("sft", "before RL (SFT)"), ("rl", "after RL")):
         p, a = get(f"apr_{stage}_plain"), get(f"apr_{stage}_aided")
-        ref = a or p
-        lines.append(f"| {label} | {_pct(p['accuracy']) if p else 'not run'} | {_pct(a['accuracy']) if a else 'not run'} | "
-                     + (f"{ref['mean_children']:.2f} | {ref['mean_total_tokens']:.0f} | {ref['mean_sequential_tokens']:.0f} |"
-                        if ref else " | | |"))
+        cells = [_pct(s["accuracy"]) if s else "not run" for s in [p, a] + [get(f"apr_{stage}_{k}") for k, _ in extra]]
+        lines.append(f"| {label} | " + " | ".join(cells) + " | "
+                     + (f"{p['mean_children']:.2f} | {p['mean_total_tokens']:.0f} | {p['mean_sequential_tokens']:.0f} |"
+                        if p else " | | |"))
     rl = (demo.done("rl_apr") or {}).get("summary")
     if rl:
         lines.append(f"\nGRPO: {rl['steps']} step(s) of {plan.rl_problems_per_step} problems x G={plan.rl_group_size} "
-                     f"(aid: {plan.rl_aid or 'none'}, temperature {plan.rl_temperature or demo.preset.rl.temperature}), "
+                     f"(aid: {plan.rl_aid or 'none'}, temperature {plan.rl_temperature or demo.preset.rl.temperature}"
+                     + (", trained on the groups whose rewards differ only" if plan.rl_skip_uniform_groups else "")
+                     + "), "
                      f"{walls.get('rl_apr', 0) / 60:.0f} min; last step reward "
-                     f"{rl['last'].get('reward', 0):.3f}, KL {rl['last'].get('kl', 0):.4f}.")
+                     f"{rl['last'].get('reward', 0):.3f}, KL {rl['last'].get('kl', 0):.4f}"
+                     + (f", {rl['last']['kept_rollouts']} of {plan.rl_problems_per_step * plan.rl_group_size} rollouts "
+                        "trained on" if plan.rl_skip_uniform_groups and "kept_rollouts" in rl["last"] else "") + ".")
     lines += [f"\nPaper: {_pct(PAPER['apr_sft_greedy'])} -> {_pct(PAPER['apr_rl_greedy'])}, children "
               f"{PAPER['children_sft_rl'][0]} -> {PAPER['children_sft_rl'][1]}.", ""]
     if (demo.rl_dir / "rl.png").exists():

@@ -68,7 +68,7 @@ def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
 
 
 def _sc_result(samples):
-    threads = [{"path": f"s{i}", "new_prompt_tokens": 10, "tokens": 90} for i in range(len(samples))]
+    threads = [{"path": f"s{i}", "prompt_tokens": 10, "new_prompt_tokens": 10, "tokens": 90} for i in range(len(samples))]
     return {"samples": [{"answer": a, "correct": c} for a, c in samples], "threads": threads}
 
 

@@ -108,6 +108,23 @@ def test_apr_replays_golden_demonstrations(golden_apr, codec, slots):
     assert engine.idle and not engine.rows  # every slot released
     # A continuation that kept its slot prefills only the join block, not the whole parent again.
     assert all(new < prompt_len for _, prompt_len, new in engine.continued)
+
+
+def test_token_accounting_does_not_depend_on_whether_the_parent_kept_its_cache(golden_apr, codec):
+    recs = golden_apr[:6]
+    calls = [t for r in recs for _, t in traces.iter_calls(r["trace_dict"])]
+    runs = {}
+    for slots in (1, 16):  # one slot: every parent gives its slot to its children and is prefilled again
+        engine = ScriptedEngine(codec, replay(calls), slots=slots)
+        runs[slots] = runtime.Runtime(engine, codec, runtime.RunConfig("apr")).solve(recs)
+        assert bool(engine.continued) == (slots == 16)
+    for one, many in zip(runs[1], runs[16]):
+        assert (one["total_tokens"], one["sequential_tokens"]) == (many["total_tokens"], many["sequential_tokens"])
+        conts = [t for t in one["threads"] if t["role"] == "parent" and t["call"] > 0]
+        assert all(t["new_prompt_tokens"] == t["prompt_tokens"] > t["shared_prompt_tokens"] > 0 for t in conts)
+        # charged = the continuation's new tokens beyond the previous call, plus the whole first call
+        expected = sum(t["prompt_tokens"] - t["shared_prompt_tokens"] + t["tokens"] for t in one["threads"])
+        assert one["total_tokens"] == expected
     assert bool(engine.continued) == (slots > 1)  # one slot: the parent must give it up to its children
 
 

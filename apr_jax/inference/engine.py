@@ -58,6 +58,9 @@ class SlotState:
       recent: ``[B, R]`` the thread's last ``R`` tokens (for stop sequences), ``-1`` before its start.
       out: ``[B, W]`` generated tokens of each slot's thread (``W`` = context).
       logp: ``[B, W]`` float32 log-probabilities of ``out`` under the model.
+      force: ``[B, F]`` tokens a decoding aid wrote, fed before the slot samples again (``F`` =
+        :data:`FORCE_WIDTH`).
+      nforce: ``[B]`` how many of ``force`` the slot feeds; ``fpos``: ``[B]`` how many it has fed.
     """
 
     cache: KVCache
@@ -70,9 +73,13 @@ class SlotState:
     recent: jax.Array
     out: jax.Array
     logp: jax.Array
+    force: jax.Array
+    nforce: jax.Array
+    fpos: jax.Array
 
 
 KV_DTYPES = ("float32", "bfloat16")
+FORCE_WIDTH = 32  # longest aid insertion fed by the decode loop; a longer one is prefilled (admitted)
 
 
 def init_state(cfg: LlamaConfig, slots: int, context: int, stop_width: int, kv_dtype: str = "float32") -> SlotState:
@@ -83,7 +90,8 @@ def init_state(cfg: LlamaConfig, slots: int, context: int, stop_width: int, kv_d
         active=jnp.zeros((slots,), jnp.bool_),
         count=zeros(), limit=zeros(), key=jnp.zeros((slots, 2), jnp.uint32), stop=zeros(),
         recent=jnp.full((slots, stop_width), -1, jnp.int32), out=jnp.zeros((slots, context), jnp.int32),
-        logp=jnp.zeros((slots, context), jnp.float32),
+        logp=jnp.zeros((slots, context), jnp.float32), force=jnp.zeros((slots, FORCE_WIDTH), jnp.int32),
+        nforce=zeros(), fpos=zeros(),
     )
 
 
@@ -122,20 +130,27 @@ def _decode_impl(cfg: LlamaConfig, sampling: Sampling, params, state: SlotState,
                                     st.cache.replace(lengths=lengths_B), valid_lengths=active_B.astype(jnp.int32))
         cache = cache.replace(lengths=jnp.where(active_B, cache.lengths, st.cache.lengths))
         token_B, logp_B = sample(logits_B1V[:, 0], st.key, st.count, sampling)
-        at_B = jnp.where(active_B, st.count, width)  # inactive rows write out of range: dropped
+        # An aid's tokens are fed in place of samples: not written to ``out`` (the host already holds them),
+        # not counted, never a stop or a trigger.
+        forcing_B = active_B & (st.fpos < st.nforce)
+        token_B = jnp.where(forcing_B, st.force[rows_B, jnp.minimum(st.fpos, st.force.shape[1] - 1)], token_B)
+        sampled_B = active_B & ~forcing_B
+        at_B = jnp.where(sampled_B, st.count, width)  # inactive rows write out of range: dropped
         out = st.out.at[rows_B, at_B].set(token_B, mode="drop")
         logp = st.logp.at[rows_B, at_B].set(logp_B, mode="drop")
-        count_B = st.count + active_B
+        count_B = st.count + sampled_B
         recent_BR = jnp.where(active_B[:, None], jnp.concatenate([st.recent[:, 1:], token_B[:, None]], 1), st.recent)
         aid_B = jnp.any(token_B[:, None] == aid_ids_A[None, :], axis=-1)
         code_B = jnp.where(token_B == eos_id, STOP_EOS,
                            jnp.where(_stop_sequence_hit(recent_BR, stop_seqs_MR, stop_lens_M), STOP_SEQUENCE,
                                      jnp.where(count_B >= st.limit, STOP_LENGTH,
                                                jnp.where(aid_B, STOP_AID, STOP_NONE))))
+        code_B = jnp.where(forcing_B, STOP_NONE, code_B)
         newly_B = active_B & (code_B != STOP_NONE)
         st = st.replace(
             cache=cache, token=jnp.where(active_B, token_B, st.token), active=active_B & ~newly_B, count=count_B,
             stop=jnp.where(active_B, code_B, st.stop), recent=recent_BR, out=out, logp=logp,
+            fpos=st.fpos + forcing_B,
         )
         pauses = jnp.sum(newly_B & (code_B == STOP_AID), dtype=jnp.int32)
         return step + 1, st, jnp.any(newly_B & (code_B != STOP_AID)), paused + pauses
@@ -174,11 +189,28 @@ def _admit_impl(cfg: LlamaConfig, fresh: bool, params, state: SlotState, rows_R,
         cache=KVCache(k=k, v=v, lengths=lengths), token=put(state.token, last_R),
         active=put(state.active, True), count=put(state.count, 0), limit=put(state.limit, limit_R),
         key=put(state.key, key_R2), stop=put(state.stop, STOP_NONE), recent=put(state.recent, recent_RW),
+        nforce=put(state.nforce, 0), fpos=put(state.fpos, 0),
     )
+
+
+def _force_impl(state: SlotState, rows_R, force_RF, nforce_R, limit_R, key_R2) -> SlotState:
+    """Resume paused slots ``rows_R`` (padding entries hold ``rows_R == B``): the decode loop feeds each one's
+    ``force_RF[r, :nforce_R[r]]`` after its pending token, then samples again with a new key and limit.
+
+    Costs one decode step per forced token and no prefill: the row's cache is extended in place, where
+    re-admitting it would gather and rewrite its whole cache row.
+    """
+    def put(x, value):
+        return x.at[rows_R].set(value, mode="drop")
+
+    return state.replace(force=put(state.force, force_RF), nforce=put(state.nforce, nforce_R),
+                         fpos=put(state.fpos, 0), active=put(state.active, True), count=put(state.count, 0),
+                         limit=put(state.limit, limit_R), key=put(state.key, key_R2), stop=put(state.stop, STOP_NONE))
 
 
 _decode = jax.jit(_decode_impl, static_argnames=("cfg", "sampling"), donate_argnames=("state",))
 _admit = jax.jit(_admit_impl, static_argnames=("cfg", "fresh"), donate_argnames=("state",))
+_force = jax.jit(_force_impl, donate_argnames=("state",))
 
 
 def state_shardings(mesh):
@@ -191,12 +223,13 @@ def state_shardings(mesh):
     rows = sh.batch_sharding(mesh)
     cache_rows = NamedSharding(mesh, P(None, rows.spec[0]))
     return SlotState(cache=KVCache(k=cache_rows, v=cache_rows, lengths=rows), token=rows, active=rows, count=rows,
-                     limit=rows, key=rows, stop=rows, recent=rows, out=rows, logp=rows)
+                     limit=rows, key=rows, stop=rows, recent=rows, out=rows, logp=rows, force=rows, nforce=rows,
+                     fpos=rows)
 
 
 @functools.lru_cache(maxsize=None)
 def _mesh_steps(mesh):
-    """The two jitted steps with the slot shardings of ``mesh`` fixed on their outputs; built once per mesh, so
+    """The three jitted steps with the slot shardings of ``mesh`` fixed on their outputs; built once per mesh, so
     engines made afresh (one per GRPO step) reuse the compiled programs."""
     from apr_jax.train import sharding as sh
 
@@ -204,7 +237,8 @@ def _mesh_steps(mesh):
     decode = jax.jit(_decode_impl, static_argnames=("cfg", "sampling"), donate_argnames=("state",),
                      out_shardings=(shardings, sh.replicated(mesh)))
     admit = jax.jit(_admit_impl, static_argnames=("cfg", "fresh"), donate_argnames=("state",), out_shardings=shardings)
-    return decode, admit
+    force = jax.jit(_force_impl, donate_argnames=("state",), out_shardings=shardings)
+    return decode, admit, force
 
 
 def _pow2(n: int, floor: int = 1) -> int:
@@ -327,7 +361,7 @@ class Engine:
         self._stop_table, self._stop_lens = jnp.asarray(table), jnp.asarray(lens)
         self.state = init_state(cfg, slots, self.context, width, kv_dtype)
         self.mesh = mesh
-        self._decode_fn, self._admit_fn = _decode, _admit
+        self._decode_fn, self._admit_fn, self._force_fn = _decode, _admit, _force
         if mesh is not None:
             from apr_jax.train import sharding as sh
 
@@ -335,7 +369,7 @@ class Engine:
             shardings = state_shardings(mesh)
             self.state = jax.device_put(self.state, shardings)
             self.params = jax.device_put(self.params, sh.tree_shardings(self.params, mesh))
-            self._decode_fn, self._admit_fn = _mesh_steps(mesh)
+            self._decode_fn, self._admit_fn, self._force_fn = _mesh_steps(mesh)
         elif cfg.dtype != "bfloat16" and jax.default_backend() == "cpu" and cpu_kernels.available():
             # one device, CPU: decode-step projections through the packed small-row matmul kernel
             self.params = jax.jit(pack_for_cpu_decoding)(self.params)
@@ -343,7 +377,8 @@ class Engine:
         self._by_key: dict[Hashable, int] = {}
         self._queue: list[_Request] = []
         self._continuations: list[_Request] = []
-        self._resumes: list[int] = []  # aided slots to extend with forced tokens and decode on
+        self._resumes: list[int] = []  # aided slots whose forced tokens are too many to feed: prefilled
+        self._forces: list[tuple[int, list[int]]] = []  # aided slots and the tokens the decode loop feeds them
         self.forced_tokens = 0
         self._order = itertools.count()
         self.steps = 0  # decode iterations so far
@@ -411,7 +446,8 @@ class Engine:
     @property
     def idle(self) -> bool:
         """Nothing queued, continued or decoding."""
-        return not self._queue and not self._continuations and not self._resumes and not self.running
+        return (not self._queue and not self._continuations and not self._resumes and not self._forces
+                and not self.running)
 
     def now(self) -> float:
         return time.perf_counter() - self._t0
@@ -440,7 +476,25 @@ class Engine:
         self.state = self._admit_fn(self.cfg, fresh, self.params, self.state,
                                     **{k: jnp.asarray(v) for k, v in arrays.items()})
 
+    def _resume_forced(self) -> None:
+        """One jitted update resuming every aided slot whose forced tokens the decode loop feeds."""
+        rows = _pow2(len(self._forces))
+        rows_R, nforce_R = np.full(rows, self.slots, np.int32), np.zeros(rows, np.int32)
+        force_RF, limit_R = np.zeros((rows, FORCE_WIDTH), np.int32), np.ones(rows, np.int32)
+        key_R2 = np.zeros((rows, 2), np.uint32)
+        for r, (slot, forced) in enumerate(self._forces):
+            row = self._rows[slot]
+            rows_R[r], nforce_R[r] = slot, len(forced)
+            force_RF[r, :len(forced)] = forced
+            limit_R[r] = min(row.max_new - len(row.gen), self.context - len(row.ids))
+            key_R2[r] = row.rng
+        self._forces = []
+        self.state = self._force_fn(self.state, *(jnp.asarray(a) for a in (rows_R, force_RF, nforce_R, limit_R,
+                                                                         key_R2)))
+
     def _admit_pending(self) -> None:
+        if self._forces:
+            self._resume_forced()
         now = self.now()
         batch = []
         for slot in self._resumes:  # aided threads: append the forced tokens, keep the rest of the cache
@@ -535,7 +589,10 @@ class Engine:
         if ends:
             row.cached = row.resume_keep
             return "eos"
-        # A fresh, deterministic key per segment: the sampler's counter restarts at every admission.
+        # A fresh, deterministic key per segment: the sampler's counter restarts at every resume.
         row.rng = np.array([row.rng[0], (int(row.rng[1]) + 0x9E3779B9 * len(row.gen)) & 0xFFFFFFFF], np.uint32)
-        self._resumes.append(slot)
+        if len(forced) <= FORCE_WIDTH:
+            self._forces.append((slot, forced))  # fed by the decode loop, one per step, no prefill
+        else:
+            self._resumes.append(slot)
         return None

@@ -21,9 +21,12 @@ Budgets (:class:`Budgets`) are enforced here and in the engine, each with a reco
 problem ends with a reason and the rest of the batch goes on. So does a thread a remote backend could not
 decode (``stop == "error"``): its problem ends with the backend's reason, its other threads are abandoned.
 
-Token accounting per thread: ``charged = new prompt tokens prefilled + generated tokens`` (a continuation's
-reused prefix is not charged again). total = sum over threads; sequential = parent calls + the longest
-child of each spawn (the critical path).
+Token accounting per thread (:func:`charged_tokens`): ``prompt tokens - shared_prompt_tokens + generated
+tokens``, where ``shared_prompt_tokens`` is the prefix a parent's continuation shares with its previous call
+(prompt and output), counted once. The charge depends on the thread tree only, not on whether the engine
+still held the parent's cache (``new_prompt_tokens``, what was actually prefilled, varies with the number of
+slots). total = sum over threads; sequential = parent calls + the longest child of each spawn (the critical
+path).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 import numpy as np
 
 from apr_jax.countdown import game, traces
-from apr_jax.inference.engine import Finished
+from apr_jax.inference.engine import Finished, common_prefix
 from apr_jax.inference.sampling import thread_key
 
 MODES = ("apr", "sosp", "sc")
@@ -147,8 +150,8 @@ class Runtime:
     def _thread(self, prob: _Problem, path: str, role: str, parent: str | None, call: int, prompt: str) -> dict:
         rec = {"id": len(prob.threads), "path": path, "role": role, "parent": None, "parent_path": parent,
                "call": call, "prompt": prompt, "output": "", "prompt_tokens": 0, "new_prompt_tokens": 0,
-               "tokens": 0, "stop": "", "slot": None, "start_step": None, "end_step": None, "start_s": None,
-               "end_s": None, "on_answer_path": False}
+               "shared_prompt_tokens": 0, "tokens": 0, "stop": "", "slot": None, "start_step": None,
+               "end_step": None, "start_s": None, "end_s": None, "on_answer_path": False}
         if parent is not None:
             rec["parent"] = prob.by_path[parent]["id"]
         prob.threads.append(rec)
@@ -159,14 +162,21 @@ class Runtime:
         total = self.run.budgets.max_total_tokens
         return None if total is None else total - prob.charged
 
-    def _launch(self, prob: _Problem, recs: list[dict], priority: int, continue_from: str | None = None) -> None:
-        """Queue threads (all children of one spawn, or one parent call / sample), sharing the budget left."""
+    def _launch(self, prob: _Problem, recs: list[dict], priority: int, continue_from: str | None = None,
+                shared_with: dict | None = None) -> None:
+        """Queue threads (all children of one spawn, or one parent call / sample), sharing the budget left.
+
+        ``shared_with``: the previous call of a parent continuation (its shared prefix is not charged again);
+        ``continue_from``: its path when the engine still holds its slot (the prefix is then not recomputed).
+        """
         left = self._budget_left(prob)
         for rec in recs:
             ids = self.codec.prompt_ids(rec["prompt"])
             rec["prompt_tokens"], rec["prompt_ids"] = len(ids), ids
+            if shared_with is not None:
+                rec["shared_prompt_tokens"] = common_prefix(shared_with["prompt_ids"] + shared_with["token_ids"], ids)
             room = self.context - len(ids)
-            share = None if left is None else (left - len(ids)) // len(recs)
+            share = None if left is None else (left - len(ids) + rec["shared_prompt_tokens"]) // len(recs)
             if room < 1:
                 rec["stop"] = "thread_limit"
                 continue
@@ -213,7 +223,7 @@ class Runtime:
         rec["token_ids"], rec["logprobs"] = f.tokens, f.logprobs
         if f.forced:
             rec["forced"], rec["forced_tokens"] = f.forced, len(f.forced)
-        prob.charged += f.new_prompt_tokens + len(f.tokens)
+        prob.charged += charged_tokens(rec)
         if f.stop == "error" or prob.done:  # a backend failure, or a thread of a problem that already ended
             self.engine.release(f.key)
             rec.pop("_max_new_is_budget", None)
@@ -302,7 +312,7 @@ class Runtime:
         continuation = traces.parent_continuation(spawn_text, returns)
         nxt = self._thread(prob, f"p{parent['call'] + 1}", "parent", None, parent["call"] + 1, continuation)
         held = prob.holds_slot.pop(parent_path)
-        self._launch(prob, [nxt], _CHILD_PRIORITY, continue_from=parent_path if held else None)
+        self._launch(prob, [nxt], _CHILD_PRIORITY, continue_from=parent_path if held else None, shared_with=parent)
         if nxt["stop"]:  # the continuation does not fit (context or budget)
             if held:
                 self.engine.release((prob.index, parent_path))
@@ -317,7 +327,7 @@ class Runtime:
         for t in threads:
             t.pop("parent_path", None)
             t.pop("_max_new_is_budget", None)
-        charged = {t["path"]: t["new_prompt_tokens"] + t["tokens"] for t in threads}
+        charged = {t["path"]: charged_tokens(t) for t in threads}
         sequential = sum(charged[t["path"]] for t in threads if t["role"] == "parent")
         by_spawn = collections.defaultdict(list)
         for t in threads:
@@ -411,6 +421,13 @@ class Runtime:
                 if prob.done and prob.open_threads == 0:
                     collect(prob)
         return results
+
+
+def charged_tokens(thread: dict) -> int:
+    """Tokens a thread record is charged: its prompt less the prefix shared with the previous call, plus
+    its output (records written before ``shared_prompt_tokens`` existed: the prefilled prompt tokens)."""
+    shared = thread.get("shared_prompt_tokens", thread["prompt_tokens"] - thread["new_prompt_tokens"])
+    return thread["prompt_tokens"] - shared + thread["tokens"]
 
 
 def majority_vote(answers: Sequence[str | None]) -> int | None:
