@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import os
@@ -13,10 +14,10 @@ from apr_jax import presets
 from apr_jax.inference.aid import AIDS
 
 
-def _add_preset(p: argparse.ArgumentParser, default: str = "mini") -> None:
+def _add_preset(p: argparse.ArgumentParser, default: str = "mini", more: str = "") -> None:
     p.add_argument("--preset", default=default, choices=presets.PRESET_NAMES, help="preset (default %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
-                   help="override any preset field, e.g. --set data.max_num=50 (repeatable)")
+                   help=f"override any preset field, e.g. --set data.max_num=50 (repeatable){more}")
 
 
 def _apply_sets(preset: presets.Preset, sets: list[str]) -> presets.Preset:
@@ -186,8 +187,21 @@ def cmd_demo(args) -> int:
     """The main job: data -> SFT SoS+ and APR -> evaluations -> GRPO -> evaluations -> report, resumable."""
     from apr_jax import demo
 
-    preset = _apply_sets(presets.load(args.preset), args.set)
+    plan_sets = [item for item in args.set if item.startswith("plan.")]
+    preset = _apply_sets(presets.load(args.preset), [item for item in args.set if item not in plan_sets])
     plan = demo.PLANS["quick" if args.quick else "full"]
+    for item in plan_sets:
+        if "=" not in item:
+            raise SystemExit(f"--set expects plan.FIELD=VALUE, got {item!r}")
+        field, value = item[len("plan."):].split("=", 1)
+        if field in ("name", "estimates_s"):
+            raise SystemExit(f"--set: the plan's {field!r} cannot be set")
+        if getattr(plan, field, "") is None:  # a field left to the preset: read the value as a Python literal
+            value = ast.literal_eval(value)
+        try:
+            plan = presets.override(plan, **{field: value})
+        except (ValueError, TypeError) as err:
+            raise SystemExit(f"--set {item}: {err}") from err
     out = args.out or ("runs/demo_quick" if args.quick else "runs/demo")
     print(f"apr-jax demo: preset {preset.name}, {plan.name} plan -> {Path(out).resolve()}")
     demo.Demo(preset, plan, out, workers=args.workers, progress=not args.quiet).run()
@@ -321,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("demo", help="the main job: the whole pipeline on a preset")
-    _add_preset(p, default="mini3")
+    _add_preset(p, default="mini3", more="; also plan.FIELD=VALUE for any field of the demo's plan "
+                                          "(apr_jax.demo.Plan), e.g. --set plan.apr_sft_steps=900")
     p.add_argument("--out", help="output folder (default runs/demo, or runs/demo_quick with --quick); a rerun "
                                   "skips finished stages and resumes the interrupted one")
     p.add_argument("--quick", action="store_true", help="same stages, small numbers: minutes instead of hours")

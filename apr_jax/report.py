@@ -262,7 +262,8 @@ def write_report(demo) -> Path:
     for key, label in (("sosp_sft_plain", "SoS+ SFT, plain"), ("apr_sft_plain", "APR SFT, plain"),
                        ("apr_rl_plain", "APR SFT+RL, plain"), ("sosp_sft_aided", "SoS+ SFT, aided"),
                        ("apr_sft_aided", "APR SFT, aided"), ("apr_rl_aided", "APR SFT+RL, aided")):
-        lines.append(_row(label, get(key)))
+        if key != "apr_rl_aided" or plan.rl_aided_eval:
+            lines.append(_row(label, get(key)))
     for aid in plan.apr_aids:
         key = aid.replace("+", "_")
         lines += [_row(f"APR SFT, {aid} aid", get(f"apr_sft_{key}")), _row(f"APR SFT+RL, {aid} aid", get(f"apr_rl_{key}"))]

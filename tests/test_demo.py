@@ -82,3 +82,26 @@ def test_sc_curves_pass_and_majority_vote_over_the_first_n_samples():
     assert [r["pass_at_n"] for r in rows] == pytest.approx([1 / 3, 2 / 3, 2 / 3])
     assert [r["cons_at_n"] for r in rows] == pytest.approx([1 / 3, 1 / 3, 1 / 3])
     assert [r["mean_total_tokens"] for r in rows] == pytest.approx([100, 200, 300])
+
+
+def test_demo_command_overrides_plan_fields_and_names_a_bad_one(tmp_path, monkeypatch, capsys):
+    from apr_jax import cli
+
+    seen = {}
+
+    class FakeDemo:
+        def __init__(self, preset, plan, out, **_):
+            seen.update(preset=preset, plan=plan)
+
+        def run(self):
+            return tmp_path / "report.md"
+
+    monkeypatch.setattr(demo, "Demo", FakeDemo)
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path), "--set", "plan.apr_sft_steps=7",
+                     "--set", "plan.rl_aided_eval=false", "--set", "plan.sweep_contexts=128,192",
+                     "--set", "train.eval_every=5"]) == 0
+    plan = seen["plan"]
+    assert (plan.apr_sft_steps, plan.rl_aided_eval, plan.sweep_contexts) == (7, False, (128, 192))
+    assert plan.sft_steps == demo.QUICK.sft_steps and seen["preset"].train.eval_every == 5
+    with pytest.raises(SystemExit, match="no field 'apr_steps'"):
+        cli.main(["demo", "--quick", "--out", str(tmp_path), "--set", "plan.apr_steps=7"])
