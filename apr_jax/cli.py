@@ -196,11 +196,11 @@ def cmd_demo(args) -> int:
         field, value = item[len("plan."):].split("=", 1)
         if field in ("name", "estimates_s"):
             raise SystemExit(f"--set: the plan's {field!r} cannot be set")
-        if getattr(plan, field, "") is None:  # a field left to the preset: read the value as a Python literal
-            value = ast.literal_eval(value)
         try:
+            if getattr(plan, field, "") is None:  # a field left to the preset: read the value as a Python literal
+                value = ast.literal_eval(value)
             plan = presets.override(plan, **{field: value})
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, SyntaxError) as err:
             raise SystemExit(f"--set {item}: {err}") from err
     out = args.out or ("runs/demo_quick" if args.quick else "runs/demo")
     print(f"apr-jax demo: preset {preset.name}, {plan.name} plan -> {Path(out).resolve()}")

@@ -84,7 +84,7 @@ def test_sc_curves_pass_and_majority_vote_over_the_first_n_samples():
     assert [r["mean_total_tokens"] for r in rows] == pytest.approx([100, 200, 300])
 
 
-def test_demo_command_overrides_plan_fields_and_names_a_bad_one(tmp_path, monkeypatch, capsys):
+def test_demo_command_overrides_plan_fields_and_names_a_bad_one(tmp_path, monkeypatch):
     from apr_jax import cli
 
     seen = {}

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apr_jax.inference.engine import Engine
+from apr_jax.inference.engine import FORCE_WIDTH, Engine
 from apr_jax.inference.sampling import GREEDY, Sampling, sample, thread_key
 from apr_jax.model import config, forward, init
 
@@ -195,21 +195,24 @@ def test_evaluation_resumes_from_its_partial_results(tmp_path):
 
 
 class _EveryTokenAid:
-    """A stand-in aid: after any trigger token, force the tokens ``[trigger + 1, trigger + 2]``."""
+    """A stand-in aid: after any trigger token, force ``length`` tokens ``trigger + 1, trigger + 2, ...``."""
 
-    def __init__(self, triggers):
-        self.triggers = tuple(triggers)
+    def __init__(self, triggers, length=2):
+        self.triggers, self.length = tuple(triggers), length
 
     def force(self, ids):
-        return [(ids[-1] + 1) % CFG.vocab_size, (ids[-1] + 2) % CFG.vocab_size]
+        return [(ids[-1] + 1 + i) % CFG.vocab_size for i in range(self.length)]
 
 
-def test_aid_forced_tokens_are_spliced_in_place_and_decoding_goes_on_exactly(params, full_logits):
-    threads = {i: (p, 30) for i, p in enumerate(prompts(5, seed=4))}
+# 2 tokens: fed by the decode loop; FORCE_WIDTH + 3: too many to feed, prefilled into the slot's cache row
+@pytest.mark.parametrize("length", [2, FORCE_WIDTH + 3])
+def test_aid_forced_tokens_are_spliced_in_place_and_decoding_goes_on_exactly(params, full_logits, length):
+    max_new = 30 if length == 2 else 2 * FORCE_WIDTH
+    threads = {i: (p, max_new) for i, p in enumerate(prompts(5, seed=4))}
     plain = run(params, threads, slots=2)
     common = np.bincount([t for f in plain.values() for t in f.tokens], minlength=CFG.vocab_size)
     trigger = int(np.argmax(common[3:])) + 3  # a token the model writes often
-    aid = _EveryTokenAid([trigger])
+    aid = _EveryTokenAid([trigger], length)
     done = run(params, threads, slots=2, aid=aid)
     fired = 0
     for key, (prompt, max_new) in threads.items():

@@ -108,6 +108,7 @@ def test_apr_replays_golden_demonstrations(golden_apr, codec, slots):
     assert engine.idle and not engine.rows  # every slot released
     # A continuation that kept its slot prefills only the join block, not the whole parent again.
     assert all(new < prompt_len for _, prompt_len, new in engine.continued)
+    assert bool(engine.continued) == (slots > 1)  # one slot: the parent must give it up to its children
 
 
 def test_token_accounting_does_not_depend_on_whether_the_parent_kept_its_cache(golden_apr, codec):
@@ -125,7 +126,6 @@ def test_token_accounting_does_not_depend_on_whether_the_parent_kept_its_cache(g
         # charged = the continuation's new tokens beyond the previous call, plus the whole first call
         expected = sum(t["prompt_tokens"] - t["shared_prompt_tokens"] + t["tokens"] for t in one["threads"])
         assert one["total_tokens"] == expected
-    assert bool(engine.continued) == (slots > 1)  # one slot: the parent must give it up to its children
 
 
 def test_apr_with_one_slot_gives_the_same_trees(golden_apr, codec):
