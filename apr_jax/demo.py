@@ -96,18 +96,19 @@ class Plan:
 
 
 # Sized on a 2-core CPU for the 3-number task (``--preset mini3``, docs/experiments.md): one SoS+ run of the
-# token count that reached 31.5% there in three warm restarts (about 6.5M tokens; 30.5% in the first full demo),
-# the APR model warm-started from it on child-count-prefixed data (600 steps of 24: the first demo's 900 took
-# 40 of its 163 minutes for 8% plain), evaluations on 200 problems at 1,024 tokens per thread (100 for the
-# sweep and self-consistency), and a short GRPO run at temperature 0.5 (at 1.0 the SFT model solves nothing to
-# learn from) that trains on the groups whose rewards differ only; after it, the plain and spawn-aid rows.
+# token count that reached 31.5% there in three warm restarts (about 6.5M tokens; 30.5% in every full demo),
+# the APR model warm-started from it on child-count-prefixed data (900 steps of 24: 30-40 minutes; 600 steps
+# left a model that spawns in 40 of 200 problems and solves 0.5%), evaluations on 200 problems at 1,024 tokens
+# per thread (100 for the sweep and self-consistency), and a short GRPO run at temperature 0.5 (at 1.0 the SFT
+# model solves nothing to learn from) that trains on the groups whose rewards differ only; after it, the plain
+# and spawn-aid rows. The whole plan: 97 minutes end to end on Nov 30 (about 116 by Nov 29's slower stages).
 FULL = Plan("full", None, None, sft_steps=2600, sft_batch=8, sft_seq_len=None, eval_problems=200, eval_context=1024,
             max_total_tokens=8192, sweep_contexts=(256, 512), sweep_problems=100, sc_samples=8, sc_problems=100,
             rl_steps=3, rl_problems_per_step=16, rl_group_size=5, slots=32,
-            apr_sft_steps=600, apr_sft_batch=24, apr_from_sosp=True, apr_lr=(3e-5, 3e-4, 1e-5, 25),
+            apr_sft_steps=900, apr_sft_batch=24, apr_from_sosp=True, apr_lr=(3e-5, 3e-4, 1e-5, 25),
             sub_call_budget=4, apr_aids=("spawn",), rl_temperature=0.5, rl_skip_uniform_groups=True,
             rl_aided_eval=False,
-            estimates_s=(("data", 40), ("sft", 3700), ("sft_apr", 1500), ("probe", 30), ("eval", 120), ("sweep", 60),
+            estimates_s=(("data", 40), ("sft", 3400), ("sft_apr", 2000), ("probe", 30), ("eval", 120), ("sweep", 60),
                          ("sc", 180), ("rl", 400), ("report", 10)))
 QUICK = Plan("quick", 2_000, 100, sft_steps=24, sft_batch=4, sft_seq_len=1024, eval_problems=8, eval_context=512,
              max_total_tokens=2048, sweep_contexts=(256,), sweep_problems=8, sc_samples=2, sc_problems=4, rl_steps=1,
