@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import os
@@ -197,10 +196,8 @@ def cmd_demo(args) -> int:
         if field in ("name", "estimates_s"):
             raise SystemExit(f"--set: the plan's {field!r} cannot be set")
         try:
-            if getattr(plan, field, "") is None:  # a field left to the preset: read the value as a Python literal
-                value = ast.literal_eval(value)
             plan = presets.override(plan, **{field: value})
-        except (ValueError, TypeError, SyntaxError) as err:
+        except ValueError as err:
             raise SystemExit(f"--set {item}: {err}") from err
     out = args.out or ("runs/demo_quick" if args.quick else "runs/demo")
     print(f"apr-jax demo: preset {preset.name}, {plan.name} plan -> {Path(out).resolve()}")

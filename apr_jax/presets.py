@@ -7,6 +7,7 @@ The presets themselves live in the top-level ``configs/`` folder (``configs/tiny
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 from typing import Any
@@ -39,7 +40,14 @@ def load(name: str) -> Preset:
 def _coerce(value: Any, current: Any, field: dataclasses.Field) -> Any:
     if not isinstance(value, str):
         return value
-    kind = type(current) if current is not None else str
+    if current is None:  # a field left unset: its annotation says what to read ("int | None", "tuple[...] | None")
+        if str(field.type).replace(" ", "") in ("str|None", "Optional[str]"):
+            return value
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError) as err:
+            raise ValueError(f"{field.name}: expected a Python literal ({field.type}), got {value!r}") from err
+    kind = type(current)
     if kind is bool:
         low = value.lower()
         if low in ("1", "true", "yes", "on"):

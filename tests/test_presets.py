@@ -22,3 +22,12 @@ def test_mini3_is_the_mini_model_on_three_numbers():
 def test_unknown_preset_is_named_in_the_error():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         presets.load("huge")
+
+
+def test_command_line_strings_take_the_type_of_fields_left_unset():
+    train = presets.load("tiny").train
+    assert train.eval_batch_size is None and train.packing_bins is None and train.dtype is None
+    changed = presets.override(train, eval_batch_size="3", packing_bins="4", dtype="bfloat16")
+    assert (changed.eval_batch_size, changed.packing_bins, changed.dtype) == (3, 4, "bfloat16")
+    with pytest.raises(ValueError, match="packing_bins: expected a Python literal"):
+        presets.override(train, packing_bins="four")
