@@ -80,10 +80,12 @@ def cmd_train(args) -> int:
     from apr_jax.train import sft
 
     preset = _apply_sets(presets.load(args.preset), args.set)
-    changes = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed))
-               if v is not None}
+    changes = {k: v for k, v in (("steps", args.steps), ("epochs", args.epochs), ("batch_size", args.batch_size),
+                                 ("seed", args.seed)) if v is not None}
     if args.steps is not None:
         changes["epochs"] = None
+    if args.epochs is not None:
+        changes["steps"] = None
     train_cfg = dataclasses.replace(preset.train, **changes)
     summary = sft.train(preset.model, train_cfg, args.data, args.method, args.out, resume=args.resume,
                         preset=preset.name, init_from=args.init, init_step=args.init_step)
@@ -238,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="start from the parameters of this run folder's checkpoint (fresh optimizer and "
                    "schedule; same model config and vocabulary), e.g. an APR model from an SoS+ one")
     p.add_argument("--init-step", type=int, help="the --init checkpoint's step (default: its newest)")
-    p.add_argument("--steps", type=int)
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (replaces the preset's steps or epochs)")
+    length.add_argument("--epochs", type=float, help="passes over the training set, converted to steps")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     _add_distributed(p)

@@ -37,9 +37,15 @@ def load(name: str) -> Preset:
     return preset
 
 
+def _optional(field: dataclasses.Field) -> bool:
+    return "None" in str(field.type) or "Optional" in str(field.type)
+
+
 def _coerce(value: Any, current: Any, field: dataclasses.Field) -> Any:
     if not isinstance(value, str):
         return value
+    if value == "None" and _optional(field):  # unset an optional field (e.g. train.steps=None with epochs)
+        return None
     if current is None:  # a field left unset: its annotation says what to read ("int | None", "tuple[...] | None")
         if str(field.type).replace(" ", "") in ("str|None", "Optional[str]"):
             return value

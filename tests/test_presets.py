@@ -31,3 +31,24 @@ def test_command_line_strings_take_the_type_of_fields_left_unset():
     assert (changed.eval_batch_size, changed.packing_bins, changed.dtype) == (3, 4, "bfloat16")
     with pytest.raises(ValueError, match="packing_bins: expected a Python literal"):
         presets.override(train, packing_bins="four")
+
+
+def test_an_optional_field_can_be_unset_so_epochs_can_replace_steps():
+    train = presets.load("tiny").train
+    assert train.steps is not None and train.epochs is None
+    changed = presets.override(train, steps="None", epochs="2.5")
+    assert (changed.steps, changed.epochs) == (None, 2.5)
+    with pytest.raises(ValueError, match="set exactly one of steps and epochs.*--epochs E"):
+        presets.override(train, epochs="2")
+    with pytest.raises(ValueError, match="batch_size: expected int, got 'None'"):
+        presets.override(train, batch_size="None")
+
+
+def test_train_takes_steps_or_epochs_not_both():
+    from apr_jax import cli
+
+    args = cli.build_parser().parse_args(["train", "--data", "d", "--method", "sosp", "--out", "o", "--epochs", "3"])
+    assert (args.epochs, args.steps) == (3.0, None)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--data", "d", "--method", "sosp", "--out", "o",
+                                       "--epochs", "3", "--steps", "9"])

@@ -129,7 +129,8 @@ class SFTConfig:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError(
                 f"SFTConfig: set exactly one of steps and epochs (got steps={self.steps!r}, "
-                f"epochs={self.epochs!r})"
+                f"epochs={self.epochs!r}; on the command line: --steps N or --epochs E, or --set with the other "
+                f"one set to None)"
             )
         _positive_int("steps", self.steps, allow_none=True)
         if self.epochs is not None:
