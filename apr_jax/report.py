@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from apr_jax.inference.runtime import charged_tokens, majority_vote
+from apr_jax.inference.runtime import assembly, charged_tokens, majority_vote
 
 #: The paper's headline figures (Pan et al. 2025, Sec. 5).
 PAPER = {
@@ -199,6 +199,27 @@ def plot_latency(path: Path, points: dict[str, list[tuple[float, float, float]]]
     plt.close(fig)
 
 
+def assembly_table(demo, runs: Sequence[tuple[str, str]]) -> list[str]:
+    """Report lines: per APR evaluation, whether the children found a verified path and what the parent made of
+    it (:func:`apr_jax.inference.runtime.assembly`); no lines when no APR evaluation has results."""
+    rows = []
+    for key, label in runs:
+        path = demo.eval_file(key)
+        if not path.exists():
+            continue
+        a = assembly(read_results(path))
+        rows.append(f"| {label} | {a['child_path']}/{a['problems']} | {a['assembled']} | {a['wrong_answer']} | "
+                    f"{a['no_answer']} | {a['solved_without_child']} |")
+    if not rows:
+        return []
+    return ["### Where APR's answers come from", "",
+            "Problems where some child returned a path that verifies from the problem's numbers, and what the "
+            "parent wrote after the join: an answer that verifies, a path that does not, or no answer; last "
+            "column: problems the parent solved with no verified child path.", "",
+            "| run | a child found a verified path | parent's answer verifies | parent's path wrong | "
+            "no answer | solved without such a child |", "|---|---|---|---|---|---|", *rows, ""]
+
+
 def write_report(demo) -> Path:
     """Write ``report.md``, ``results.json`` and the plots of a finished (or partial) demo run."""
     import matplotlib
@@ -272,6 +293,10 @@ def write_report(demo) -> Path:
                   + " (labelled; not applied to SoS+, which has no spawn)."]
     lines += ["", f"Paper: SoS+ SFT {_pct(PAPER['sosp_sft_greedy'])}, APR SFT {_pct(PAPER['apr_sft_greedy'])}, "
               f"APR SFT+RL {_pct(PAPER['apr_rl_greedy'])}.", "", "![accuracy](accuracy.png)", ""]
+    lines += assembly_table(demo, [("apr_sft_plain", "APR SFT, plain"), ("apr_rl_plain", "APR SFT+RL, plain"),
+                                   ("apr_sft_aided", "APR SFT, aided"), ("apr_rl_aided", "APR SFT+RL, aided")]
+                            + [(f"apr_{st}_{aid.replace('+', '_')}", f"APR SFT{'+RL' if st == 'rl' else ''}, {aid} aid")
+                               for aid in plan.apr_aids for st in ("sft", "rl")])
 
     lines += ["## 2. Same context window (aided)", "",
               "Every thread (SoS+'s one, each APR call) limited to the same number of tokens.", "",

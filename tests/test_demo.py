@@ -30,6 +30,12 @@ def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
         kinds = probed[method]["kinds"]
         assert kinds["other"]["tokens"] > 0 and 0.0 <= kinds["other"]["accuracy"] <= 1.0
     assert "| result | the result after `=` (arithmetic) |" in text
+    assert "### Where APR's answers come from" in text
+    section = text.split("### Where APR's answers come from")[1].split("##")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| APR SFT, plain | "))
+    cells = [c.strip() for c in row.split("|")[2:-1]]  # child path "k/n", then four counts that add up to <= n
+    found, n = map(int, cells[0].split("/"))
+    assert n == PLAN.eval_problems and sum(map(int, cells[1:4])) == found
     results = json.loads((out / "results.json").read_text())
     assert set(results["evaluations"]) == {
         "sosp_sft_plain", "apr_sft_plain", "sosp_sft_aided", "apr_sft_aided", "sosp_sft_aided_ctx64",

@@ -225,3 +225,18 @@ def test_child_solved_needs_a_verified_child_path_from_the_problem():
     assert not child_solved(wrong_sum)
     assert not child_solved(dict(result, threads=[dict(child, stop="thread_limit")]))
     assert "child_solved" not in summarize([dict(result, mode="sosp")])
+
+
+def test_assembly_splits_problems_by_child_path_and_parent_answer():
+    from apr_jax.inference.runtime import assembly
+
+    prompt = "Moving to Node #0,3\nCurrent State: 31:[17, 14], Operations: ['26-12=14']"
+    path = "Exploring Operation: 17+14=31, Resulting Numbers: [31]\n31,31 equal: Goal Reached\n"
+    child = {"role": "child", "stop": "eos", "prompt": prompt,
+             "output": "\n" + path + prompt + "\n" + path}
+    found = {"problem": {"id": 0, "nums": [12, 26, 17], "target": 31}, "threads": [child]}
+    results = [dict(found, correct=True, answer="..."), dict(found, correct=False, answer="a wrong path"),
+               dict(found, correct=False, answer=None), dict(found, correct=False, answer=None),
+               dict(found, threads=[], correct=True, answer="..."), dict(found, threads=[], correct=False, answer=None)]
+    assert assembly(results) == {"problems": 6, "child_path": 4, "assembled": 1, "wrong_answer": 1,
+                                 "no_answer": 2, "solved_without_child": 1}

@@ -462,6 +462,24 @@ def child_solved(result: dict) -> bool:
     return False
 
 
+def assembly(results: Iterable[dict]) -> dict[str, int]:
+    """Where APR answers come from: of the problems where some child returned a verified path
+    (:func:`child_solved`), how many the parent turned into a verified answer (``assembled``), answered with a
+    path that does not verify (``wrong_answer``) or left without an answer (``no_answer``); and how many the
+    parent solved with no verified child path (``solved_without_child``)."""
+    out = dict.fromkeys(("problems", "child_path", "assembled", "wrong_answer", "no_answer",
+                         "solved_without_child"), 0)
+    for r in results:
+        out["problems"] += 1
+        if not child_solved(r):
+            out["solved_without_child"] += bool(r["correct"])
+            continue
+        out["child_path"] += 1
+        key = "assembled" if r["correct"] else ("no_answer" if r.get("answer") is None else "wrong_answer")
+        out[key] += 1
+    return out
+
+
 def summarize(results: Iterable[dict]) -> dict:
     """Accuracy and token statistics of a list of results (APR: also ``child_solved``, the fraction of
     problems where some child returned a verified path, see :func:`child_solved`)."""
