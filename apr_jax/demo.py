@@ -50,6 +50,9 @@ class Plan:
       sub_call_budget: train the APR model on data with the paper's child-count prefixes (a second data
         folder, ``data_cond``) and evaluate and roll it out with ``Sub Call Budget: n``; None: no prefix.
       apr_aids: further aids applied to the APR evaluations only, each one more row (e.g. ``"spawn"``).
+      sweep_sub_call_budgets: further APR child budgets (``Sub Call Budget: n``, with ``sub_call_budget``)
+        evaluated at every sweep context and at the evaluation context, on ``sweep_problems`` problems with
+        ``aid``: the paper's Fig. 4b plots APR at several child counts.
       rl_aid, rl_temperature: the GRPO rollouts' aid and temperature (None: ``"none"`` and the preset's).
       rl_skip_uniform_groups: GRPO trains only on groups whose rewards differ
         (:attr:`apr_jax.rl.config.GRPOConfig.skip_uniform_groups`; the paper's objective keeps every group).
@@ -82,6 +85,7 @@ class Plan:
     apr_lr: tuple[float, float, float, int] | None = None
     sub_call_budget: int | None = None
     apr_aids: tuple[str, ...] = ()
+    sweep_sub_call_budgets: tuple[int, ...] = ()
     rl_aid: str | None = None
     rl_temperature: float | None = None
     rl_skip_uniform_groups: bool = False
@@ -103,7 +107,8 @@ class Plan:
 # model solves nothing to learn from) that trains on the groups whose rewards differ only; after it, the plain
 # and spawn-aid rows. The whole plan: 97 minutes end to end on Nov 30 (about 116 by Nov 29's slower stages).
 FULL = Plan("full", None, None, sft_steps=2600, sft_batch=8, sft_seq_len=None, eval_problems=200, eval_context=1024,
-            max_total_tokens=8192, sweep_contexts=(256, 512), sweep_problems=100, sc_samples=8, sc_problems=100,
+            max_total_tokens=8192, sweep_contexts=(256, 320, 384, 512), sweep_problems=100, sc_samples=8,
+            sc_problems=100, sweep_sub_call_budgets=(2,),
             rl_steps=3, rl_problems_per_step=16, rl_group_size=5, slots=32,
             apr_sft_steps=900, apr_sft_batch=24, apr_from_sosp=True, apr_lr=(3e-5, 3e-4, 1e-5, 25),
             sub_call_budget=4, apr_aids=("spawn",), rl_temperature=0.5, rl_skip_uniform_groups=True,
@@ -125,6 +130,11 @@ class Stage:
     name: str  # marker file name and progress label
     kind: str  # key of Plan.estimates_s
     run: Callable[[], dict]  # does the work (resuming what it can); returns a JSON-able summary
+
+
+def sweep_name(budget: int, context: int | None) -> str:
+    """Result name of an APR same-context point at child budget ``budget`` (``None``: the evaluation context)."""
+    return f"apr_sft_aided_b{budget}" + ("" if context is None else f"_ctx{context}")
 
 
 class Demo:
@@ -232,7 +242,7 @@ class Demo:
         return {"steps": plan.rl_steps, "last": summary["last"]}
 
     def _eval(self, name: str, run_dir: Path, mode: str, *, n: int, aid: str = "none", context: int | None = None,
-              samples: int = 1, temperature: float = 0.0) -> dict:
+              samples: int = 1, temperature: float = 0.0, sub_call_budget: int | None = None) -> dict:
         from apr_jax.inference import evaluate as ev
         from apr_jax.inference.runtime import Budgets, RunConfig
         from apr_jax.inference.sampling import Sampling
@@ -243,7 +253,7 @@ class Demo:
         if budget is not None and mode == "sc":
             budget *= samples  # the budget is per problem; self-consistency's samples share it
         run = RunConfig(mode=mode, samples=samples, seed=0, budgets=Budgets(max_total_tokens=budget),
-                        sub_call_budget=self.plan.sub_call_budget if mode == "apr" else None)
+                        sub_call_budget=(sub_call_budget or self.plan.sub_call_budget) if mode == "apr" else None)
         _, summary = ev.evaluate(model_cfg, params, tok, problems, run, slots=self.plan.slots, context=context,
                                  sampling=Sampling(temperature=temperature), out=self.eval_file(name),
                                  progress=self.progress, aid=aid)
@@ -281,6 +291,12 @@ class Demo:
                 name = f"{method}_sft_aided_ctx{ctx}"
                 out.append(Stage(f"eval_{name}", "sweep", lambda name=name, run_dir=run_dir, method=method, ctx=ctx:
                                  self._eval(name, run_dir, method, n=plan.sweep_problems, aid=aid, context=ctx)))
+        for budget in plan.sweep_sub_call_budgets if plan.sub_call_budget is not None else ():
+            for ctx in list(plan.sweep_contexts) + [None]:
+                name = sweep_name(budget, ctx)
+                out.append(Stage(f"eval_{name}", "sweep", lambda name=name, ctx=ctx, budget=budget: self._eval(
+                    name, apr, "apr", n=plan.sweep_problems, aid=aid, context=ctx or plan.eval_context,
+                    sub_call_budget=budget)))
         out.append(Stage("eval_sc_sft_aided", "sc", lambda: self._eval(
             "sc_sft_aided", sosp, "sc", n=plan.sc_problems, aid=aid, samples=plan.sc_samples, temperature=1.0,
             context=plan.eval_context)))

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from apr_jax.demo import sweep_name
 from apr_jax.inference.runtime import assembly, charged_tokens, majority_vote
 
 #: The paper's headline figures (Pan et al. 2025, Sec. 5).
@@ -298,20 +299,28 @@ def write_report(demo) -> Path:
                             + [(f"apr_{st}_{aid.replace('+', '_')}", f"APR SFT{'+RL' if st == 'rl' else ''}, {aid} aid")
                                for aid in plan.apr_aids for st in ("sft", "rl")])
 
+    budgets = list(plan.sweep_sub_call_budgets) if plan.sub_call_budget is not None else []
+    apr_label = "APR" if plan.sub_call_budget is None else f"APR (Sub Call Budget {plan.sub_call_budget})"
+    columns = [("sosp", "SoS+", None), ("apr", apr_label, None)] + [("apr", f"APR (Sub Call Budget {b})", b)
+                                                                     for b in budgets]
     lines += ["## 2. Same context window (aided)", "",
-              "Every thread (SoS+'s one, each APR call) limited to the same number of tokens.", "",
-              "| context | SoS+ | APR |", "|---|---|---|"]
-    ctx_points: dict[str, list] = {"SoS+": [], "APR": []}
+              "Every thread (SoS+'s one, each APR call) limited to the same number of tokens"
+              + (" (APR also asked for other child counts, the paper's Fig. 4b)" if budgets else "") + ".", "",
+              "| context | " + " | ".join(label for _, label, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    ctx_points: dict[str, list] = {label: [] for _, label, _ in columns}
     main_ctx = plan.eval_context or model.max_seq_len
     for ctx in list(plan.sweep_contexts) + [main_ctx]:
         row = []
-        for method, label in (("sosp", "SoS+"), ("apr", "APR")):
-            key = f"{method}_sft_aided" if ctx == main_ctx else f"{method}_sft_aided_ctx{ctx}"
+        for method, label, budget in columns:
+            if budget is not None:
+                key = sweep_name(budget, None if ctx == main_ctx else ctx)
+            else:
+                key = f"{method}_sft_aided" if ctx == main_ctx else f"{method}_sft_aided_ctx{ctx}"
             s = get(key)
             row.append(_pct(s["accuracy"]) + f" (n={s['problems']})" if s else "not run")
             if s:
                 ctx_points[label].append((ctx, s["accuracy"]))
-        lines.append(f"| {ctx} | {row[0]} | {row[1]} |")
+        lines.append(f"| {ctx} | " + " | ".join(row) + " |")
     lines += ["", "Paper at 4K: APR+RL 83.4% vs SoS+ +RL 60.0%; APR with 10 children about +20 points.", "",
               "![same context](same_context.png)", ""]
 

@@ -11,7 +11,7 @@ PLAN = demo.Plan("test", None, None, sft_steps=3, sft_batch=8, sft_seq_len=None,
                  max_total_tokens=512, sweep_contexts=(64,),
                  sweep_problems=2, sc_samples=2, sc_problems=2, rl_steps=1, rl_problems_per_step=2, rl_group_size=2,
                  slots=8, apr_sft_steps=2, apr_from_sosp=True, apr_lr=(1e-4, 1e-3, 1e-5, 1), sub_call_budget=2,
-                 apr_aids=("spawn",), rl_temperature=0.5)
+                 apr_aids=("spawn",), rl_temperature=0.5, sweep_sub_call_budgets=(1,))
 
 
 def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
@@ -39,7 +39,12 @@ def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["evaluations"]) == {
         "sosp_sft_plain", "apr_sft_plain", "sosp_sft_aided", "apr_sft_aided", "sosp_sft_aided_ctx64",
-        "apr_sft_aided_ctx64", "sc_sft_aided", "apr_rl_plain", "apr_rl_aided", "apr_sft_spawn", "apr_rl_spawn"}
+        "apr_sft_aided_ctx64", "sc_sft_aided", "apr_rl_plain", "apr_rl_aided", "apr_sft_spawn", "apr_rl_spawn",
+        "apr_sft_aided_b1_ctx64", "apr_sft_aided_b1"}
+    assert results["evaluations"]["apr_sft_aided_b1_ctx64"]["context"] == 64
+    first_b1 = json.loads((out / "eval" / "apr_sft_aided_b1.jsonl").read_text().splitlines()[0])
+    assert first_b1["threads"][0]["prompt"].startswith("Sub Call Budget: 1 ")
+    assert "| context | SoS+ | APR (Sub Call Budget 2) | APR (Sub Call Budget 1) |" in text
     assert results["evaluations"]["apr_sft_spawn"]["aid"] == "spawn"
     # the APR model starts from the SoS+ one and trains on the child-count-prefixed copy of the data
     apr_run = json.loads((out / "sft_apr" / "config.json").read_text())

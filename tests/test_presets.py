@@ -15,6 +15,7 @@ def test_every_preset_loads_under_its_own_name(name):
 def test_mini3_is_the_mini_model_on_three_numbers():
     mini, mini3 = presets.load("mini"), presets.load("mini3")
     assert (mini3.data.num_inputs, mini3.data.max_num) == (3, 30)
+    assert (mini3.data.apr_max_beam, mini.data.apr_max_beam) == (4, 10)  # mini3's one change to the solvers
     assert mini3.model == mini.model  # same vocabulary and shapes: an SFT run of one initialises the other
     assert mini3.data.number_mode == mini.data.number_mode == "integers"
 
