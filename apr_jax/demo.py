@@ -103,9 +103,10 @@ class Plan:
 # token count that reached 31.5% there in three warm restarts (about 6.5M tokens; 30.5% in every full demo),
 # the APR model warm-started from it on child-count-prefixed data (900 steps of 24: 30-40 minutes; 600 steps
 # left a model that spawns in 40 of 200 problems and solves 0.5%), evaluations on 200 problems at 1,024 tokens
-# per thread (100 for the sweep and self-consistency), and a short GRPO run at temperature 0.5 (at 1.0 the SFT
-# model solves nothing to learn from) that trains on the groups whose rewards differ only; after it, the plain
-# and spawn-aid rows. The whole plan: 97 minutes end to end on Nov 30 (about 116 by Nov 29's slower stages).
+# per thread (100 for the sweep and self-consistency; the sweep's 320 and 384 are where a SoS+ trace stops
+# fitting, and APR runs there with 2 children as well as 4), and a short GRPO run at temperature 0.5 (at 1.0
+# the SFT model solves nothing to learn from) that trains on the groups whose rewards differ only; after it,
+# the plain and spawn-aid rows. End to end about 97 minutes on a fast day, about 116 on a slow one.
 FULL = Plan("full", None, None, sft_steps=2600, sft_batch=8, sft_seq_len=None, eval_problems=200, eval_context=1024,
             max_total_tokens=8192, sweep_contexts=(256, 320, 384, 512), sweep_problems=100, sc_samples=8,
             sc_problems=100, sweep_sub_call_budgets=(2,),
