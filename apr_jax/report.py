@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from apr_jax.demo import sweep_name
-from apr_jax.inference.runtime import assembly, charged_tokens, majority_vote
+from apr_jax.inference.runtime import assembly, charged_tokens, departures, majority_vote
 
 #: The paper's headline figures (Pan et al. 2025, Sec. 5).
 PAPER = {
@@ -208,17 +208,24 @@ def assembly_table(demo, runs: Sequence[tuple[str, str]]) -> list[str]:
         path = demo.eval_file(key)
         if not path.exists():
             continue
-        a = assembly(read_results(path))
+        results = read_results(path)
+        a = assembly(results)
+        where = ", ".join(f"{kind} {n}" for kind, n in departures(results).items()) or "-"
         rows.append(f"| {label} | {a['child_path']}/{a['problems']} | {a['assembled']} | {a['wrong_answer']} | "
-                    f"{a['no_answer']} | {a['solved_without_child']} |")
+                    f"{a['no_answer']} | {a['solved_without_child']} | {where} |")
     if not rows:
         return []
     return ["### Where APR's answers come from", "",
             "Problems where some child returned a path that verifies from the problem's numbers, and what the "
             "parent wrote after the join: an answer that verifies, a path that does not, or no answer; last "
-            "column: problems the parent solved with no verified child path.", "",
+            "columns: problems the parent solved with no verified child path, and where the parent went wrong "
+            "when a child had a verified path (`apr_jax.inference.runtime.departure`): the first operation of "
+            "the path it wrote after the join that is on no verified child path (operation 1 is the one into "
+            "the child's node, which the parent must retrieve from its spawn or join), its operations right "
+            "but a line wrong, or no path written.", "",
             "| run | a child found a verified path | parent's answer verifies | parent's path wrong | "
-            "no answer | solved without such a child |", "|---|---|---|---|---|---|", *rows, ""]
+            "no answer | solved without such a child | where the parent went wrong |", "|---|---|---|---|---|---|---|",
+            *rows, ""]
 
 
 def write_report(demo) -> Path:

@@ -36,6 +36,9 @@ def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     cells = [c.strip() for c in row.split("|")[2:-1]]  # child path "k/n", then four counts that add up to <= n
     found, n = map(int, cells[0].split("/"))
     assert n == PLAN.eval_problems and sum(map(int, cells[1:4])) == found
+    where = cells[5]  # "operation 1 3, no path 1": one count per parent that failed a verified child path
+    departed = 0 if where == "-" else sum(int(part.rsplit(" ", 1)[1]) for part in where.split(", "))
+    assert departed == int(cells[2]) + int(cells[3])
     results = json.loads((out / "results.json").read_text())
     assert set(results["evaluations"]) == {
         "sosp_sft_plain", "apr_sft_plain", "sosp_sft_aided", "apr_sft_aided", "sosp_sft_aided_ctx64",

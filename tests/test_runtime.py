@@ -240,3 +240,39 @@ def test_assembly_splits_problems_by_child_path_and_parent_answer():
                dict(found, threads=[], correct=True, answer="..."), dict(found, threads=[], correct=False, answer=None)]
     assert assembly(results) == {"problems": 6, "child_path": 4, "assembled": 1, "wrong_answer": 1,
                                  "no_answer": 2, "solved_without_child": 1}
+
+
+def test_departure_names_the_first_operation_off_every_verified_child_path():
+    from apr_jax.inference.runtime import departure, departures, verified_child_paths
+
+    prompt = "Moving to Node #0,3\nCurrent State: 31:[17, 14], Operations: ['26-12=14']"
+    path = "Exploring Operation: 17+14=31, Resulting Numbers: [31]\n31,31 equal: Goal Reached\n"
+    child = {"role": "child", "stop": "eos", "prompt": prompt, "output": "\n" + path + prompt + "\n" + path}
+    root = "Moving to Node #0\nCurrent State: 31:[12, 26, 17], Operations: []\n"
+
+    def parent(first: str, second: str, state: str = "31:[17, 14]") -> dict:
+        out = (f"31,31 equal: Goal Reached\n{root}Exploring Operation: {first}, Resulting Numbers: [17, 14]\n"
+               f"Generated Node #0,3: {state} Operation: {first}\nMoving to Node #0,3\n"
+               f"Current State: {state}, Operations: ['{first}']\n"
+               f"Exploring Operation: {second}, Resulting Numbers: [31]\n31,31 equal: Goal Reached\n"
+               "Exploring Operation: 1+2=3, Resulting Numbers: [3]\n")  # after the path: not part of it
+        return {"role": "parent", "stop": "eos", "prompt": "...", "output": out}
+
+    def result(last: dict, correct: bool = False, children=(child,)) -> dict:
+        spawn = {"role": "parent", "stop": "spawn", "prompt": "...", "output": "31,31 equal: Goal Reached\n"}
+        return {"problem": {"id": 0, "nums": [12, 26, 17], "target": 31}, "correct": correct,
+                "threads": [spawn, *children, last]}
+
+    assert verified_child_paths(result(parent("26-12=14", "17+14=31"))) == [("26-12=14", "17+14=31")]
+    assert departure(result(parent("12+26=38", "17+14=31"))) == "operation 1"
+    assert departure(result(parent("26-12=14", "17*14=238"))) == "operation 2"
+    assert departure(result(parent("26-12=14", "17+14=31", state="31:[17, 41]"))) == "operations right"
+    no_path = {"role": "parent", "stop": "eos", "prompt": "...", "output": "No solution found.\n"}
+    assert departure(result(no_path)) == "no path"
+    assert departure(result(parent("26-12=14", "17+14=31"), correct=True)) is None  # solved
+    assert departure(result(parent("12+26=38", "17+14=31"), children=())) is None  # no verified child
+    wrong_child = dict(child, output=child["output"].replace("17+14=31", "17+14=30"))
+    assert departure(result(parent("12+26=38", "17+14=31"), children=(wrong_child,))) is None
+    many = [result(parent("12+26=38", "x")), result(parent("26-12=14", "17*14=238")), result(no_path),
+            result(parent("12+26=38", "17+14=31"))]
+    assert departures(many) == {"no path": 1, "operation 1": 2, "operation 2": 1}

@@ -441,11 +441,13 @@ def majority_vote(answers: Sequence[str | None]) -> int | None:
     return next(i for i, o in enumerate(ops) if o is not None and counts[o] == best)
 
 
-def child_solved(result: dict) -> bool:
-    """True when some child of an APR result returned a verified path: its state follows from the problem's
-    numbers by the operations in its prompt, and its returned path reaches the target from there. A diagnostic
-    of the parallel search alone; the problem counts as solved only if the parent's answer verifies."""
+def verified_child_paths(result: dict) -> list[tuple[str, ...]]:
+    """The verified paths the children of an APR result returned, each as the operations from the problem's
+    numbers to the target (the operations in the child's prompt, then those of its returned path): a child
+    counts when its state follows from the problem's numbers by its prompt's operations and its returned path
+    reaches the target from there."""
     nums, target = result["problem"]["nums"], result["problem"]["target"]
+    paths = []
     for t in result["threads"]:
         if t["role"] != "child" or t["stop"] != "eos":
             continue
@@ -458,8 +460,51 @@ def child_solved(result: dict) -> bool:
         except traces.TraceFormatError:
             continue
         if game.replay_operations(nums, ops) == sorted(child_nums) and game.verify_path(child_nums, target, path):
-            return True
-    return False
+            paths.append(tuple(ops) + traces.path_operations(path))
+    return paths
+
+
+def child_solved(result: dict) -> bool:
+    """True when some child of an APR result returned a verified path (:func:`verified_child_paths`). A
+    diagnostic of the parallel search alone; the problem counts as solved only if the parent's answer verifies."""
+    return bool(verified_child_paths(result))
+
+
+def departure(result: dict) -> str | None:
+    """Where the parent of an APR result went wrong when a child returned a verified path and the parent's
+    answer does not verify; ``None`` for any other result. The parent's written path is the one that follows
+    the first ``Goal Reached`` line of its last call's output (the demonstrations copy the winning child's path
+    from the root there). ``"no path"``: it wrote no operation there; ``"operation k"``: its k-th operation
+    is the first that departs from every verified child path (1: the operation into the child's node, which
+    the parent must retrieve from its spawn or join; later: copying the child's path); ``"operations right"``:
+    the operations are a verified child's but a line of the path is not (a state or a resulting list)."""
+    if result.get("correct") or not result.get("threads"):
+        return None
+    verified = verified_child_paths(result)
+    if not verified:
+        return None
+    parents = [t for t in result["threads"] if t["role"] == "parent"]
+    lines = parents[-1]["output"].split("\n") if parents else []
+    goal = next((i for i, line in enumerate(lines) if line.endswith(traces.EQUAL)), None)
+    segment = []  # the path written after that goal line, up to and including the next one
+    for line in lines[goal + 1:] if goal is not None else []:
+        segment.append(line)
+        if line.endswith(traces.EQUAL):
+            break
+    written = traces.path_operations("\n".join(segment))
+    if not written:
+        return "no path"
+    if written in verified:
+        return "operations right"
+    agree = max(next((k for k, (a, b) in enumerate(zip(written, v)) if a != b), min(len(written), len(v)))
+                for v in verified)
+    return f"operation {agree + 1}"
+
+
+def departures(results: Iterable[dict]) -> dict[str, int]:
+    """Counts of :func:`departure` over results (the problems it does not apply to left out), by kind."""
+    counts = collections.Counter(d for d in map(departure, results) if d is not None)
+    return dict(sorted(counts.items()))
 
 
 def assembly(results: Iterable[dict]) -> dict[str, int]:
