@@ -133,9 +133,12 @@ class Stage:
     run: Callable[[], dict]  # does the work (resuming what it can); returns a JSON-able summary
 
 
-def sweep_name(budget: int, context: int | None) -> str:
-    """Result name of an APR same-context point at child budget ``budget`` (``None``: the evaluation context)."""
-    return f"apr_sft_aided_b{budget}" + ("" if context is None else f"_ctx{context}")
+def sweep_name(method: str, context: int | None, budget: int | None = None) -> str:
+    """Result name of a same-context point of the SFT model of ``method`` with the plan's aid (``context``
+    None: the evaluation context); ``budget``: an APR run asked for that many children (``Sub Call Budget``)
+    instead of the plan's."""
+    return (f"{method}_sft_aided" + ("" if budget is None else f"_b{budget}")
+            + ("" if context is None else f"_ctx{context}"))
 
 
 class Demo:
@@ -254,7 +257,8 @@ class Demo:
         if budget is not None and mode == "sc":
             budget *= samples  # the budget is per problem; self-consistency's samples share it
         run = RunConfig(mode=mode, samples=samples, seed=0, budgets=Budgets(max_total_tokens=budget),
-                        sub_call_budget=(sub_call_budget or self.plan.sub_call_budget) if mode == "apr" else None)
+                        sub_call_budget=(self.plan.sub_call_budget if sub_call_budget is None else sub_call_budget)
+                        if mode == "apr" else None)
         _, summary = ev.evaluate(model_cfg, params, tok, problems, run, slots=self.plan.slots, context=context,
                                  sampling=Sampling(temperature=temperature), out=self.eval_file(name),
                                  progress=self.progress, aid=aid)
@@ -289,12 +293,12 @@ class Demo:
             out.append(self._apr_eval_stage("sft", apr, aid_name))
         for ctx in plan.sweep_contexts:
             for method, run_dir in (("sosp", sosp), ("apr", apr)):
-                name = f"{method}_sft_aided_ctx{ctx}"
+                name = sweep_name(method, ctx)
                 out.append(Stage(f"eval_{name}", "sweep", lambda name=name, run_dir=run_dir, method=method, ctx=ctx:
                                  self._eval(name, run_dir, method, n=plan.sweep_problems, aid=aid, context=ctx)))
         for budget in plan.sweep_sub_call_budgets if plan.sub_call_budget is not None else ():
             for ctx in list(plan.sweep_contexts) + [None]:
-                name = sweep_name(budget, ctx)
+                name = sweep_name("apr", ctx, budget)
                 out.append(Stage(f"eval_{name}", "sweep", lambda name=name, ctx=ctx, budget=budget: self._eval(
                     name, apr, "apr", n=plan.sweep_problems, aid=aid, context=ctx or plan.eval_context,
                     sub_call_budget=budget)))

@@ -319,10 +319,7 @@ def write_report(demo) -> Path:
     for ctx in list(plan.sweep_contexts) + [main_ctx]:
         row = []
         for method, label, budget in columns:
-            if budget is not None:
-                key = sweep_name(budget, None if ctx == main_ctx else ctx)
-            else:
-                key = f"{method}_sft_aided" if ctx == main_ctx else f"{method}_sft_aided_ctx{ctx}"
+            key = sweep_name(method, None if ctx == main_ctx else ctx, budget)
             s = get(key)
             row.append(_pct(s["accuracy"]) + f" (n={s['problems']})" if s else "not run")
             if s:

@@ -33,7 +33,7 @@ def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     assert "### Where APR's answers come from" in text
     section = text.split("### Where APR's answers come from")[1].split("##")[0]
     row = next(line for line in section.splitlines() if line.startswith("| APR SFT, plain | "))
-    cells = [c.strip() for c in row.split("|")[2:-1]]  # child path "k/n", then four counts that add up to <= n
+    cells = [c.strip() for c in row.split("|")[2:-1]]  # child path "k/n", four counts, where parents went wrong
     found, n = map(int, cells[0].split("/"))
     assert n == PLAN.eval_problems and sum(map(int, cells[1:4])) == found
     where = cells[5]  # "operation 1 3, no path 1": one count per parent that failed a verified child path

@@ -107,3 +107,14 @@ def test_path_operations_reads_exploring_lines_and_skips_garbage():
             "Exploring Operation: 31/31=1, Resulting Numbers: [26, 1]\n27,27 equal: Goal Reached\n")
     assert traces.path_operations(path) == ("53-22=31", "31/31=1")
     assert traces.path_operations(None) == ()
+
+
+def test_is_goal_line_matches_exactly_the_lines_solution_path_splits_on():
+    assert traces.is_goal_line("31,31 equal: Goal Reached")
+    assert not traces.is_goal_line("31,30 unequal: No Solution")
+    assert not traces.is_goal_line("x,31 equal: Goal Reached")  # a model's garbage ending like a goal line
+    assert not traces.is_goal_line("31,31 equal: Goal Reached\n")
+    text = "a\n5,5 equal: Goal Reached\nb\n5,5 equal: Goal Reached\n"
+    lines = text.split("\n")
+    assert [i for i, line in enumerate(lines) if traces.is_goal_line(line)] == [1, 3]
+    assert traces.solution_path(text) == "\n".join(lines[2:4]) + "\n"

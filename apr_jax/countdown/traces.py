@@ -294,6 +294,11 @@ def child_prompts(parent_text: str) -> list[tuple[SpawnItem, str]]:
 _GOAL_LINE_RE = re.compile(r"^\d+,\d+ equal: Goal Reached$", re.M)
 
 
+def is_goal_line(line: str) -> bool:
+    """True for a ``T,T equal: Goal Reached`` line (without its newline), as :func:`solution_path` finds them."""
+    return _GOAL_LINE_RE.fullmatch(line) is not None
+
+
 def solution_path(text: str) -> str | None:
     """The final solution path of a thread: the text after its second-to-last ``Goal Reached`` line, up to
     and including the last one. ``None`` when the text holds fewer than two ``Goal Reached`` lines."""

@@ -485,11 +485,11 @@ def departure(result: dict) -> str | None:
         return None
     parents = [t for t in result["threads"] if t["role"] == "parent"]
     lines = parents[-1]["output"].split("\n") if parents else []
-    goal = next((i for i, line in enumerate(lines) if line.endswith(traces.EQUAL)), None)
+    goal = next((i for i, line in enumerate(lines) if traces.is_goal_line(line)), None)
     segment = []  # the path written after that goal line, up to and including the next one
     for line in lines[goal + 1:] if goal is not None else []:
         segment.append(line)
-        if line.endswith(traces.EQUAL):
+        if traces.is_goal_line(line):
             break
     written = traces.path_operations("\n".join(segment))
     if not written:
