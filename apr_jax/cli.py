@@ -172,6 +172,18 @@ def cmd_view(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """Paired comparison of two evaluations on the problems both hold (apr_jax.compare)."""
+    from apr_jax import compare
+
+    p = compare.paired(compare.read(args.a), compare.read(args.b), (args.a, args.b))
+    print("\n".join(compare.TABLE_HEADER + [compare.table_row(f"{args.a} vs {args.b}", p)]))
+    verdict = "told apart" if p.p_value < args.alpha else "not told apart"
+    print(f"A {100 * p.a_accuracy:.1f}% vs B {100 * p.b_accuracy:.1f}% on {p.n} problems: {p.a_only} solved by A "
+          f"only, {p.b_only} by B only; p = {p.p_value:.3g}, {verdict} at {args.alpha}")
+    return 0
+
+
 def cmd_info(args) -> int:
     preset = _apply_sets(presets.load(args.preset), args.set)
     for stage in ("data", "model", "train", "rl"):
@@ -319,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problem", type=int, default=0, help="problem id (default 0)")
     p.add_argument("--out", required=True, help="FILE.html or FILE.png")
     p.set_defaults(fn=cmd_view)
+
+    p = sub.add_parser("compare", help="are two evaluations' accuracies told apart? paired, on the same problems")
+    p.add_argument("a", help="a results file written by `apr-jax eval` (A)")
+    p.add_argument("b", help="another, of the same problems (B)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdict line")
+    p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("info", help="print a preset's configs and parameter counts")
     _add_preset(p)

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from apr_jax import compare
 from apr_jax.demo import sweep_name
 from apr_jax.inference.runtime import assembly, charged_tokens, departures, majority_vote
 
@@ -228,6 +229,17 @@ def assembly_table(demo, runs: Sequence[tuple[str, str]]) -> list[str]:
             *rows, ""]
 
 
+def paired_table(demo, comparisons: Sequence[tuple[str, str, str]]) -> list[str]:
+    """Rows of :func:`apr_jax.compare.paired` for (label, evaluation A, evaluation B); pairs not both run are
+    left out."""
+    rows = []
+    for label, key_a, key_b in comparisons:
+        a, b = read_results(demo.eval_file(key_a)), read_results(demo.eval_file(key_b))
+        if a and b:
+            rows.append(compare.table_row(label, compare.paired(a, b, (key_a, key_b))))
+    return rows
+
+
 def write_report(demo) -> Path:
     """Write ``report.md``, ``results.json`` and the plots of a finished (or partial) demo run."""
     import matplotlib
@@ -385,6 +397,26 @@ def write_report(demo) -> Path:
     for m in ("sosp", "apr"):
         if (demo.sft_dir(m) / "loss.png").exists():
             shutil.copyfile(demo.sft_dir(m) / "loss.png", out / f"loss_{m}.png")
+    comparisons = [("APR SFT vs SoS+ SFT, plain", "apr_sft_plain", "sosp_sft_plain"),
+                   ("APR SFT vs SoS+ SFT, aided", "apr_sft_aided", "sosp_sft_aided"),
+                   ("APR SFT+RL vs APR SFT, plain", "apr_rl_plain", "apr_sft_plain")]
+    if plan.rl_aided_eval:
+        comparisons.append(("APR SFT+RL vs APR SFT, aided", "apr_rl_aided", "apr_sft_aided"))
+    for aid in plan.apr_aids:
+        key = aid.replace("+", "_")
+        comparisons.append((f"APR SFT+RL vs APR SFT, {aid} aid", f"apr_rl_{key}", f"apr_sft_{key}"))
+    for ctx in list(plan.sweep_contexts) + [main_ctx]:
+        at = None if ctx == main_ctx else ctx
+        for method, label, budget in columns[1:]:
+            if at is not None or budget is not None:
+                comparisons.append((f"{label} vs SoS+, {ctx} tokens per thread, aided", sweep_name(method, at, budget),
+                                    sweep_name("sosp", at)))
+    lines += ["## 6. Which differences are more than noise (paired, same problems)", "",
+              "Both evaluations on the same problems: each accuracy with its 95% Wilson interval, the problems "
+              "only one of them solves, and the exact McNemar test on those (two-sided; `apr_jax.compare`, "
+              "`apr-jax compare A.jsonl B.jsonl`). A p-value well above 0.05 means the two are not told apart "
+              "by this many problems.", ""] + compare.TABLE_HEADER + paired_table(demo, comparisons) + [""]
+
     lines += ["## Stage wall times", "", "| stage | minutes |", "|---|---|"]
     lines += [f"| {k} | {v / 60:.1f} |" for k, v in walls.items()]
     lines.append(f"| total | {sum(walls.values()) / 60:.1f} |")

@@ -39,6 +39,18 @@ def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     where = cells[5]  # "operation 1 3, no path 1": one count per parent that failed a verified child path
     departed = 0 if where == "-" else sum(int(part.rsplit(" ", 1)[1]) for part in where.split(", "))
     assert departed == int(cells[2]) + int(cells[3])
+    section = text.split("## 6. Which differences are more than noise")[1].split("##")[0]
+    rows = {line.split(" | ")[0][2:]: line for line in section.splitlines() if line.startswith("| APR")}
+    assert set(rows) == {"APR SFT vs SoS+ SFT, plain", "APR SFT vs SoS+ SFT, aided", "APR SFT+RL vs APR SFT, plain",
+                         "APR SFT+RL vs APR SFT, aided", "APR SFT+RL vs APR SFT, spawn aid",
+                         "APR (Sub Call Budget 2) vs SoS+, 64 tokens per thread, aided",
+                         "APR (Sub Call Budget 1) vs SoS+, 64 tokens per thread, aided",
+                         "APR (Sub Call Budget 1) vs SoS+, 128 tokens per thread, aided"}
+    cells = [c.strip() for c in rows["APR SFT vs SoS+ SFT, plain"].split("|")[2:-1]]
+    solved = {m: sum(json.loads(line)["correct"] for line in (out / "eval" / f"{m}_sft_plain.jsonl").open())
+              for m in ("apr", "sosp")}
+    assert int(cells[0]) == PLAN.eval_problems
+    assert int(cells[3]) - int(cells[4]) == solved["apr"] - solved["sosp"]  # A only - B only = A - B
     results = json.loads((out / "results.json").read_text())
     assert set(results["evaluations"]) == {
         "sosp_sft_plain", "apr_sft_plain", "sosp_sft_aided", "apr_sft_aided", "sosp_sft_aided_ctx64",
