@@ -58,6 +58,17 @@ def evaluate(run_dir: str, name: str, args, *, mode: str, context: int | None = 
     return summary
 
 
+def paired(args, name_a: str, name_b: str) -> dict:
+    """Evaluations ``name_a`` and ``name_b`` (of the same problems) compared problem by problem: counts, 95%
+    Wilson intervals and the exact McNemar p-value (:mod:`apr_jax.compare`)."""
+    import dataclasses
+
+    from apr_jax import compare
+
+    files = [Path(args.out) / "eval" / f"{name}.jsonl" for name in (name_a, name_b)]
+    return dataclasses.asdict(compare.paired(compare.read(files[0]), compare.read(files[1]), (name_a, name_b)))
+
+
 def write_json(args, name: str, numbers: dict) -> Path:
     path = Path(args.out) / f"{name}.json"
     path.write_text(json.dumps({"aid": args.aid, **numbers}, indent=1) + "\n")

@@ -4,7 +4,7 @@
         --problems 32 --context 2048 --aid arithmetic --out runs/exp_rl
 """
 
-from _evals import common_args, evaluate, write_json
+from _evals import common_args, evaluate, paired, write_json
 
 
 def main() -> None:
@@ -25,6 +25,7 @@ def main() -> None:
                                         "mean_sequential_tokens")}
     plot_accuracy(Path(args.out) / "rl_effect.png",
                   {"SFT": (out["before"]["accuracy"], None), "SFT+RL": (out["after"]["accuracy"], None)})
+    out["paired"] = paired(args, f"{args.mode}_after", f"{args.mode}_before")  # is the change more than noise?
     write_json(args, "rl_effect", {**out, "paper": {"accuracy": (PAPER["apr_sft_greedy"], PAPER["apr_rl_greedy"]),
                                                     "children": PAPER["children_sft_rl"],
                                                     "tokens_per_sequence": PAPER["tokens_per_seq_sft_rl"]}})

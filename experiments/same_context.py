@@ -1,7 +1,8 @@
 """Experiment 1 (the paper's Fig. 4b analogue): APR vs SoS+ when every thread has the same context window.
 
 For each context size, SoS+ (one serial thread) and APR (every call, parent or child, limited to the same
-size) are evaluated greedily on the same validation problems; APR also with several child-count limits
+size) are evaluated greedily on the same validation problems (each APR point is paired with SoS+ at its context:
+``vs_sosp`` holds the exact McNemar p-value and Wilson intervals, ``apr_jax.compare``); APR also with several child-count limits
 (children past the limit are not run and join as failed), or, for an APR run trained with the child-count
 prefix (``data.condition_prefix``), with several ``Sub Call Budget: n`` prompts (``--sub-call-budgets``).
 
@@ -9,7 +10,7 @@ prefix (``data.condition_prefix``), with several ``Sub Call Budget: n`` prompts 
         --contexts 512,1024,2048 --children 2,4,16 --problems 32 --aid arithmetic --out runs/exp_context
 """
 
-from _evals import common_args, evaluate, write_json
+from _evals import common_args, evaluate, paired, write_json
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
                 s = evaluate(args.apr, name, args, mode="apr", context=ctx, max_children=k)
             rows.append({"method": "apr", "context": ctx, **knob, "accuracy": s["accuracy"],
                          "problems": s["problems"], "mean_total_tokens": s["mean_total_tokens"],
-                         "mean_children": s["mean_children"]})
+                         "mean_children": s["mean_children"], "vs_sosp": paired(args, name, f"sosp_ctx{ctx}")})
             points.setdefault(label, []).append((ctx, s["accuracy"]))
     plot_context(Path(args.out) / "same_context.png", points, aid=args.aid)
     write_json(args, "same_context", {"rows": rows, "paper": {"apr_rl_4k": 0.834, "sosp_rl_4k": 0.600}})
