@@ -108,24 +108,45 @@ def _percent_axis(ax) -> None:
     ax.set_ylim(0, max(10.0, ax.get_ylim()[1]))
 
 
-def plot_accuracy(path: Path, groups: dict[str, tuple[float | None, float | None]]) -> None:
+def interval_bars(accuracies: Sequence[float], problems: int | Sequence[int]) -> list[list[float]]:
+    """Matplotlib ``yerr`` (percent below, percent above) of each accuracy's 95% Wilson interval over
+    ``problems`` problems (one count for all, or one each)."""
+    counts = [problems] * len(accuracies) if isinstance(problems, int) else list(problems)
+    below, above = [], []
+    for acc, n in zip(accuracies, counts):
+        low, high = compare.wilson_interval(round(acc * n), n)
+        below.append(100 * max(0.0, acc - low))
+        above.append(100 * max(0.0, high - acc))
+    return [below, above]
+
+
+def plot_accuracy(path: Path, groups: dict[str, tuple[float | None, float | None]], problems: int | None = None) -> None:
+    """Bars of plain (and aided) accuracy per group; with ``problems``, each with its 95% Wilson interval."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(groups))
-    plain = [v[0] or 0.0 for v in groups.values()]
+    plain = [v[0] for v in groups.values()]
     aided = [v[1] for v in groups.values()]
+
+    def bars(xs, accs, width, **kw):  # a group not evaluated gets no bar (not a bar at 0)
+        kept = [(x_, a) for x_, a in zip(xs, accs) if a is not None]
+        if not kept:
+            return
+        err = interval_bars([a for _, a in kept], problems) if problems else None
+        ax.bar([x_ for x_, _ in kept], [100 * a for _, a in kept], width, yerr=err, capsize=3 if err else 0, **kw)
+
     if all(a is None for a in aided):
-        ax.bar(x, [100 * p for p in plain], 0.5)
+        bars(x, plain, 0.5)
     else:
-        ax.bar(x - 0.2, [100 * p for p in plain], 0.4, label="plain")
-        ax.bar(x + 0.2, [100 * (a or 0.0) for a in aided], 0.4, label="arithmetic aid (labelled)")
+        bars(x - 0.2, plain, 0.4, label="plain")
+        bars(x + 0.2, aided, 0.4, label="arithmetic aid (labelled)")
         ax.legend()
     ax.set_xticks(x, list(groups))
     ax.set_ylabel("accuracy (%)")
     _percent_axis(ax)
-    ax.set_title("Greedy accuracy")
+    ax.set_title("Greedy accuracy" + (f" on {problems} problems, 95% intervals" if problems else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -135,13 +156,18 @@ def _aid_label(aid: str) -> str:
     return "plain" if aid == "none" else f"{aid} aid"
 
 
-def plot_context(path: Path, points: dict[str, list[tuple[int, float]]], aid: str = "arithmetic") -> None:
+def plot_context(path: Path, points: dict[str, list[tuple]], aid: str = "arithmetic") -> None:
+    """Accuracy against tokens per thread, one line per method; points are (context, accuracy) or (context,
+    accuracy, problems), the latter drawn with its 95% Wilson interval."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, pts in points.items():
+    for i, (label, pts) in enumerate(points.items()):
         pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label)
+        xs = [p[0] * 1.02 ** (i - (len(points) - 1) / 2) for p in pts]  # side by side, so intervals do not hide
+        accs = [p[1] for p in pts]
+        err = interval_bars(accs, [p[2] for p in pts]) if pts and all(len(p) > 2 for p in pts) else None
+        ax.errorbar(xs, [100 * a for a in accs], yerr=err, fmt="o-", capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens per thread (context window)")
     ax.set_ylabel("accuracy (%)")
@@ -335,7 +361,7 @@ def write_report(demo) -> Path:
             s = get(key)
             row.append(_pct(s["accuracy"]) + f" (n={s['problems']})" if s else "not run")
             if s:
-                ctx_points[label].append((ctx, s["accuracy"]))
+                ctx_points[label].append((ctx, s["accuracy"], s["problems"]))
         lines.append(f"| {ctx} | " + " | ".join(row) + " |")
     lines += ["", "Paper at 4K: APR+RL 83.4% vs SoS+ +RL 60.0%; APR with 10 children about +20 points.", "",
               "![same context](same_context.png)", ""]
@@ -423,7 +449,8 @@ def write_report(demo) -> Path:
 
     plot_accuracy(out / "accuracy.png", {
         label: ((get(f"{k}_plain") or {}).get("accuracy"), (get(f"{k}_aided") or {}).get("accuracy"))
-        for k, label in (("sosp_sft", "SoS+ SFT"), ("apr_sft", "APR SFT"), ("apr_rl", "APR SFT+RL"))})
+        for k, label in (("sosp_sft", "SoS+ SFT"), ("apr_sft", "APR SFT"), ("apr_rl", "APR SFT+RL"))},
+        problems=(get("sosp_sft_plain") or {}).get("problems") or None)
     plot_context(out / "same_context.png", ctx_points)
     plot_scaling(out / "compute_scaling.png", sc, apr_points, preset=demo.preset.name)
     plot_latency(out / "latency.png", lat_points)

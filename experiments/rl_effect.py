@@ -24,7 +24,8 @@ def main() -> None:
         out[stage] = {k: s[k] for k in ("accuracy", "problems", "mean_children", "mean_total_tokens",
                                         "mean_sequential_tokens")}
     plot_accuracy(Path(args.out) / "rl_effect.png",
-                  {"SFT": (out["before"]["accuracy"], None), "SFT+RL": (out["after"]["accuracy"], None)})
+                  {"SFT": (out["before"]["accuracy"], None), "SFT+RL": (out["after"]["accuracy"], None)},
+                  problems=out["before"]["problems"])
     out["paired"] = paired(args, f"{args.mode}_after", f"{args.mode}_before")  # is the change more than noise?
     write_json(args, "rl_effect", {**out, "paper": {"accuracy": (PAPER["apr_sft_greedy"], PAPER["apr_rl_greedy"]),
                                                     "children": PAPER["children_sft_rl"],

@@ -35,7 +35,7 @@ def main() -> None:
         s = evaluate(args.sosp, f"sosp_ctx{ctx}", args, mode="sosp", context=ctx)
         rows.append({"method": "sosp", "context": ctx, "accuracy": s["accuracy"], "problems": s["problems"],
                      "mean_total_tokens": s["mean_total_tokens"]})
-        points["SoS+"].append((ctx, s["accuracy"]))
+        points["SoS+"].append((ctx, s["accuracy"], s["problems"]))
         for k in budgets or children:
             if budgets:
                 name, label, knob = f"apr_ctx{ctx}_budget{k}", f"APR (Sub Call Budget {k})", {"sub_call_budget": k}
@@ -46,7 +46,7 @@ def main() -> None:
             rows.append({"method": "apr", "context": ctx, **knob, "accuracy": s["accuracy"],
                          "problems": s["problems"], "mean_total_tokens": s["mean_total_tokens"],
                          "mean_children": s["mean_children"], "vs_sosp": paired(args, name, f"sosp_ctx{ctx}")})
-            points.setdefault(label, []).append((ctx, s["accuracy"]))
+            points.setdefault(label, []).append((ctx, s["accuracy"], s["problems"]))
     plot_context(Path(args.out) / "same_context.png", points, aid=args.aid)
     write_json(args, "same_context", {"rows": rows, "paper": {"apr_rl_4k": 0.834, "sosp_rl_4k": 0.600}})
 

@@ -78,3 +78,14 @@ def test_compare_command_prints_the_row_and_names_a_broken_file(tmp_path, capsys
     bad.write_text(json.dumps(_record(0, True)) + "\n{not json\n")
     assert cli.main(["compare", str(a), str(bad)]) == 2
     assert f"{bad}: line 2 is not JSON" in capsys.readouterr().err
+
+
+def test_report_interval_bars_are_the_wilson_interval_around_each_accuracy():
+    from apr_jax import report
+
+    below, above = report.interval_bars([0.25, 0.0], 200)
+    low, high = compare.wilson_interval(50, 200)
+    assert below[0] == pytest.approx(100 * (0.25 - low)) and above[0] == pytest.approx(100 * (high - 0.25))
+    assert below[1] == 0.0 and above[1] == pytest.approx(100 * compare.wilson_interval(0, 200)[1])
+    below, above = report.interval_bars([0.5, 0.5], [10, 1000])  # one count per point: fewer problems, wider
+    assert below[0] > 3 * below[1] and above[0] > 3 * above[1]
