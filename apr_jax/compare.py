@@ -12,7 +12,6 @@ Evaluations are matched by problem id over the problems both hold (the same-cont
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -61,14 +60,11 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
 
 
 def read(path: str | Path) -> list[dict]:
-    """The result records of an ``apr-jax eval`` JSON Lines file; a line that is not JSON is named."""
-    records = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i + 1} is not JSON ({e.msg})") from None
+    """The result records of an ``apr-jax eval`` JSON Lines file (a malformed line is named by
+    :func:`apr_jax.data.datasets.read_jsonl`)."""
+    from apr_jax.data import datasets
+
+    records = list(datasets.read_jsonl(path))
     if not records:
         raise ValueError(f"{path}: no result records")
     return records

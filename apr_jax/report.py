@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from apr_jax import compare
+from apr_jax.data import datasets
 from apr_jax.demo import sweep_name
 from apr_jax.inference.runtime import assembly, charged_tokens, departures, majority_vote
 
@@ -45,7 +46,7 @@ APR_AIDS = {"spawn": "the runtime writes the spawn block once the parent has lis
 
 
 def read_results(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return list(datasets.read_jsonl(path)) if path.exists() else []
 
 
 def read_summary(path: Path) -> dict | None:

@@ -77,7 +77,7 @@ def test_compare_command_prints_the_row_and_names_a_broken_file(tmp_path, capsys
     assert f"p = {_binomial_two_sided(20, 20):.3g}, told apart at 0.05" in out
     bad.write_text(json.dumps(_record(0, True)) + "\n{not json\n")
     assert cli.main(["compare", str(a), str(bad)]) == 2
-    assert f"{bad}: line 2 is not JSON" in capsys.readouterr().err
+    assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
 
 
 def test_report_interval_bars_are_the_wilson_interval_around_each_accuracy():

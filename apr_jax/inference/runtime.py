@@ -476,8 +476,9 @@ def departure(result: dict) -> str | None:
     the first ``Goal Reached`` line of its last call's output (the demonstrations copy the winning child's path
     from the root there). ``"no path"``: it wrote no operation there; ``"operation k"``: its k-th operation
     is the first that departs from every verified child path (1: the operation into the child's node, which
-    the parent must retrieve from its spawn or join; later: copying the child's path); ``"operations right"``:
-    the operations are a verified child's but a line of the path is not (a state or a resulting list)."""
+    the parent must retrieve from its spawn or join; later: copying the child's path; a path that stops short of
+    every verified path it agrees with departs at its first missing operation); ``"operations right"``: the
+    operations are a verified child's but a line of the path is not (a state or a resulting list)."""
     if result.get("correct") or not result.get("threads"):
         return None
     verified = verified_child_paths(result)
