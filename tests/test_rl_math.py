@@ -21,6 +21,7 @@ from apr_jax.rl import (
     pad_batch,
     reward,
     rollout_sequences,
+    spawn_credit,
     token_logprobs,
 )
 
@@ -55,6 +56,21 @@ def test_reward_definition():
     assert reward(False, 5000, 7, GRPOConfig()) == 0.0
     cfg = GRPOConfig(sequential_token_penalty=0.1, children_penalty=0.05)
     assert reward(True, 2000, 3, cfg) == pytest.approx(1.0 - 0.2 - 0.15)
+
+def test_spawn_credit_signs_the_push_on_spawning():
+    # Group 0 mixed: spawners rewarded 1, 0; serial 1, 1 -> mean 0.75, std sqrt(0.1875), spawners' mean
+    # advantage (0.25 - 0.75) / 2 / std < 0. Group 1: all spawn (not mixed). Group 2: mixed but equal rewards.
+    children = [3, 2, 0, 0, 4, 4, 1, 2, 0, 0, 0, 5]
+    rewards = np.array([1, 0, 1, 1, 0, 1, 0, 1, 0, 0, 0, 0], np.float32)
+    adv = np.asarray(group_advantages(jnp.asarray(rewards), 4))
+    out = spawn_credit(children, rewards, adv, 4)
+    assert out["spawn_fraction"] == pytest.approx(7 / 12)
+    assert out["reward_spawned"] == pytest.approx(3 / 7) and out["reward_serial"] == pytest.approx(2 / 5)
+    assert out["mixed_groups"] == 1
+    assert out["spawn_advantage"] == pytest.approx((0.25 - 0.75) / 2 / math.sqrt(0.1875), rel=1e-5)
+    serial = spawn_credit([0, 0], [1.0, 0.0], [1.0, -1.0], 2)
+    assert serial == {"spawn_fraction": 0.0, "reward_serial": 0.5, "mixed_groups": 0}
+
 
 # ------------------------------------------------------------------------------------ per-token terms
 

@@ -14,6 +14,7 @@ from apr_jax.rl.objective import (
     masked_mean,
     reward,
     rollout_sizes,
+    spawn_credit,
     token_logprobs,
 )
 from apr_jax.rl.sequences import Sequence, bucket_width, pad_batch, rollout_sequences
@@ -35,5 +36,6 @@ __all__ = [
     "reward",
     "rollout_sequences",
     "rollout_sizes",
+    "spawn_credit",
     "token_logprobs",
 ]

@@ -46,6 +46,37 @@ def informative_rollouts(rewards_B, group_size: int) -> np.ndarray:
     return np.repeat(varied_P, group_size)
 
 
+def spawn_credit(children_B, rewards_B, adv_B, group_size: int) -> dict[str, float]:
+    """How a step's advantages credit the parent's choice to spawn children rather than search serially.
+
+    In a group holding both kinds of rollout, the advantages sum to zero, so on the choice "spawn or not"
+    (one decision of the parent, read as a two-way softmax) the policy-gradient term has the sign of the
+    summed advantage of the group's spawning rollouts: > 0 raises spawning, < 0 lowers it. The aggregation's
+    per-tree weights (a tree of a parent and ``k`` children weighs each of its sequences ``1 / (k + 1)``)
+    scale that term, and flip it only when the spawning trees of one group carry very different weights
+    (docs/rl.md, "Why GRPO stops spawning").
+
+    Returns (keys whose value is undefined are left out):
+      spawn_fraction: share of rollouts that spawned at least one child.
+      reward_spawned, reward_serial: mean reward of the rollouts that spawned / did not.
+      mixed_groups: groups holding both kinds whose rewards differ (the groups that move the choice).
+      spawn_advantage: mean advantage of the spawning rollouts of the mixed groups.
+    """
+    spawned_PG = (np.asarray(children_B) > 0).reshape(-1, group_size)
+    rewards_PG = np.asarray(rewards_B, np.float64).reshape(spawned_PG.shape)
+    adv_PG = np.asarray(adv_B, np.float64).reshape(spawned_PG.shape)
+    out: dict[str, float] = {"spawn_fraction": float(spawned_PG.mean())}
+    if spawned_PG.any():
+        out["reward_spawned"] = float(rewards_PG[spawned_PG].mean())
+    if not spawned_PG.all():
+        out["reward_serial"] = float(rewards_PG[~spawned_PG].mean())
+    mixed_P = spawned_PG.any(axis=1) & ~spawned_PG.all(axis=1) & (rewards_PG.max(axis=1) > rewards_PG.min(axis=1))
+    out["mixed_groups"] = int(mixed_P.sum())
+    if mixed_P.any():
+        out["spawn_advantage"] = float(adv_PG[mixed_P][spawned_PG[mixed_P]].mean())
+    return out
+
+
 def reward(verified: bool, sequential_tokens: int, children: int, cfg: GRPOConfig) -> float:
     """``verified - sequential_token_penalty * (sequential_tokens / 1000) - children_penalty * children``.
 
