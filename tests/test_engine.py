@@ -160,6 +160,21 @@ def test_sampling_respects_top_k():
         Sampling(temperature=-1.0)
 
 
+def test_sampling_can_record_the_tempered_distribution():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(32, 6)), jnp.float32)
+    keys = jnp.asarray(np.stack([thread_key(0, 0, str(i)) for i in range(32)]))
+    counters = jnp.zeros(32, jnp.int32)
+    tokens, logp_model = sample(logits, keys, counters, Sampling(temperature=0.5))
+    tempered_tokens, logp_tempered = sample(logits, keys, counters, Sampling(temperature=0.5, logprob_temperature=0.5))
+    np.testing.assert_array_equal(tokens, tempered_tokens)  # what is recorded does not change what is drawn
+    rows = np.arange(32), np.asarray(tokens)
+    np.testing.assert_allclose(logp_model, np.asarray(jax.nn.log_softmax(logits))[rows], atol=1e-6)
+    np.testing.assert_allclose(logp_tempered, np.asarray(jax.nn.log_softmax(logits / 0.5))[rows], atol=1e-6)
+    assert not np.allclose(logp_model, logp_tempered)
+    with pytest.raises(ValueError, match="logprob_temperature"):
+        Sampling(temperature=0.5, logprob_temperature=0.0)
+
+
 def test_evaluation_resumes_from_its_partial_results(tmp_path):
     import json
 

@@ -131,6 +131,30 @@ def test_rollouts_carry_the_conditioning_prefix(sft_run):
     assert plain[0]["threads"][0]["prompt"].startswith("Moving to Node #0\n")
 
 
+@pytest.mark.parametrize("tempered", [False, True])
+def test_recorded_logprobs_are_those_the_objective_computes(sft_run, tempered):
+    # Rollouts at temperature 0.5: the engine records the log-probs of the distribution the update trains
+    # (the model at temperature 1 by default; the sampling distribution with tempered_logprobs), so the
+    # first inner update's importance ratio is 1.
+    from apr_jax.data import tokenizer as tokenization
+    from apr_jax.inference.evaluate import load_run_model
+    from apr_jax.inference.runtime import Codec
+
+    model_cfg, params, tok = load_run_model(sft_run)
+    _, bos, eos = tokenization.special_ids(tok)
+    cfg = dataclasses.replace(presets.load("tiny").rl, group_size=2, temperature=0.5, tempered_logprobs=tempered)
+    records = grpo.rollouts(model_cfg, params, Codec(tok, bos, eos), [{"id": 0, "nums": [3, 5, 7], "target": 22}],
+                            "apr", cfg, LOOP, 0, eos)
+    threads = [t for r in records for t in r["threads"] if t.get("token_ids")]
+    assert threads
+    for t in threads:
+        tokens = np.asarray(t["prompt_ids"] + t["token_ids"], np.int32)[None]
+        fresh = grpo._logprobs(model_cfg, params, tokens[:, :-1], tokens[:, 1:], cfg.logprob_temperature)[0]
+        np.testing.assert_allclose(t["logprobs"], fresh[len(t["prompt_ids"]) - 1:], atol=1e-4)
+        untempered = grpo._logprobs(model_cfg, params, tokens[:, :-1], tokens[:, 1:])[0]
+        assert np.allclose(t["logprobs"], untempered[len(t["prompt_ids"]) - 1:], atol=1e-4) != tempered
+
+
 def test_skip_uniform_groups_trains_only_on_groups_with_varied_rewards(sft_run, tmp_path, monkeypatch):
     group = presets.load("tiny").rl.group_size
     seen = []

@@ -259,6 +259,12 @@ def test_rollout_sequences_tokens_masks_and_shared_advantage():
     assert seqs[0].loss_mask.tolist() == [False, False, False, True, True, True]
 
 
+def test_rollout_sequences_can_drop_children_and_keep_the_tree_weights():
+    seqs = rollout_sequences(_fake_records(), [0.5, -2.0], drop_roles=("child",))
+    assert [s.path for s in seqs] == ["p0", "p1", "p0"]
+    assert [s.rollout_size for s in seqs] == [3, 3, 1]  # the tree still counts its child
+
+
 def test_tokens_forced_by_a_decoding_aid_carry_no_loss():
     records = _fake_records()
     child = records[0]["threads"][1]
@@ -328,6 +334,9 @@ def test_config_defaults_are_the_papers():
     assert (cfg.grad_clip, cfg.adv_eps, cfg.seed) == (1.0, 1e-10, 0)
     assert (cfg.sequential_token_penalty, cfg.children_penalty) == (0.0, 0.0)
     assert cfg.rollouts_per_step == 320
+    assert (cfg.tempered_logprobs, cfg.train_children, cfg.logprob_temperature) == (False, True, 1.0)
+    assert GRPOConfig(temperature=0.5).logprob_temperature == 1.0
+    assert GRPOConfig(temperature=0.5, tempered_logprobs=True).logprob_temperature == 0.5
     assert GRPOConfig.for_method("apr") == cfg
     assert GRPOConfig.for_method("sosp").kl_beta == 0.01
     assert GRPOConfig.for_method("sosp", steps=3).steps == 3
@@ -341,6 +350,7 @@ def test_config_defaults_are_the_papers():
     ("learning_rate", 0.0), ("learning_rate", float("nan")), ("clip_epsilon", 0.0), ("clip_epsilon", 1.0),
     ("kl_beta", -0.1), ("steps", 0), ("inner_updates", 0), ("grad_clip", -1.0), ("adv_eps", 0.0),
     ("seed", -1), ("sequential_token_penalty", -0.1), ("children_penalty", -1.0),
+    ("skip_uniform_groups", 1), ("tempered_logprobs", "yes"), ("train_children", None),
 ])
 def test_config_rejects_invalid_values(field, value):
     with pytest.raises(ValueError, match=f"GRPOConfig.{field}"):

@@ -24,16 +24,24 @@ class Sampling:
     Attributes:
       temperature: 0 for greedy (argmax); otherwise logits are divided by it before sampling.
       top_k: keep only the ``top_k`` most likely tokens before sampling (0 = the whole vocabulary).
+      logprob_temperature: the recorded log-probabilities are those of ``softmax(logits /
+        logprob_temperature)``: 1 (the default) records the model's own distribution; a GRPO run that trains
+        the policy it samples from records the sampling distribution (``logprob_temperature ==
+        temperature``, see ``GRPOConfig.tempered_logprobs``). Top-k is never part of the recorded
+        distribution.
     """
 
     temperature: float = 0.0
     top_k: int = 0
+    logprob_temperature: float = 1.0
 
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not self.logprob_temperature > 0:
+            raise ValueError(f"logprob_temperature must be > 0, got {self.logprob_temperature}")
 
     @property
     def greedy(self) -> bool:
@@ -51,10 +59,10 @@ def thread_key(seed: int, problem_id: object, path: str) -> np.ndarray:
 
 def sample(logits_BV: jax.Array, keys_B2: jax.Array, counters_B: jax.Array,
            sampling: Sampling) -> tuple[jax.Array, jax.Array]:
-    """Next tokens ``[B]`` int32 and their log-probabilities ``[B]`` under the model (temperature 1).
+    """Next tokens ``[B]`` int32 and their log-probabilities ``[B]`` under ``logits / logprob_temperature``.
 
-    The recorded log-probability is that of the unscaled model distribution, the quantity a fresh forward
-    pass over the finished sequence gives (what policy-gradient training needs), whatever the sampling.
+    By default (``logprob_temperature`` 1) the recorded log-probability is that of the unscaled model
+    distribution, the quantity a fresh forward pass over the finished sequence gives, whatever the sampling.
     """
     logits_BV = logits_BV.astype(jnp.float32)
     if sampling.greedy:
@@ -70,5 +78,7 @@ def sample(logits_BV: jax.Array, keys_B2: jax.Array, counters_B: jax.Array,
             return jax.random.categorical(key, row_V)
 
         tokens_B = jax.vmap(one)(keys_B2, counters_B, scaled_BV).astype(jnp.int32)
+    if sampling.logprob_temperature != 1.0:
+        logits_BV = logits_BV / sampling.logprob_temperature
     logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
     return tokens_B, jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]

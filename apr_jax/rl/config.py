@@ -61,6 +61,13 @@ class GRPOConfig:
         divides by the kept rollouts, and their log-prob and gradient passes are saved: at a low success
         rate most groups are uniform. DAPO's dynamic-sampling filter (Yu et al. 2025) without resampling.
         A step with no varied group makes no update.
+      tempered_logprobs: train the policy the rollouts are sampled from, ``softmax(logits / temperature)``:
+        the engine records, and the update and the reference compute, log-probabilities of the tempered
+        distribution (as verl does). Off (the default, and the paper's setting, where the temperature is
+        1.0 and both are the same): log-probabilities of the model at temperature 1, so rollouts sampled at
+        another temperature are off-policy for the objective.
+      train_children: children's sequences carry loss (the paper: the whole tree is trained). False (an
+        ablation) trains only the parent calls; each still weighs ``1 / (sequences of its tree)``.
 
     The reward of a rollout is
     ``reward = verified - sequential_token_penalty * (sequential_tokens / 1000) - children_penalty * children``
@@ -82,6 +89,8 @@ class GRPOConfig:
     sequential_token_penalty: float = 0.0
     children_penalty: float = 0.0
     skip_uniform_groups: bool = False
+    tempered_logprobs: bool = False
+    train_children: bool = True
 
     def __post_init__(self) -> None:
         _int_at_least("group_size", self.group_size, 2)
@@ -99,8 +108,14 @@ class GRPOConfig:
         _int_at_least("seed", self.seed, 0)
         _non_negative("sequential_token_penalty", self.sequential_token_penalty)
         _non_negative("children_penalty", self.children_penalty)
-        if not isinstance(self.skip_uniform_groups, bool):
-            raise ValueError(f"GRPOConfig.skip_uniform_groups must be a bool, got {self.skip_uniform_groups!r}")
+        for name in ("skip_uniform_groups", "tempered_logprobs", "train_children"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GRPOConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """Temperature of the distribution whose log-probabilities the objective uses (1 unless tempered)."""
+        return self.temperature if self.tempered_logprobs else 1.0
 
     @property
     def rollouts_per_step(self) -> int:

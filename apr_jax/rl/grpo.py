@@ -121,14 +121,16 @@ def expand_groups(problems: Sequence[dict], group_size: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------- jitted pieces
-def _logprobs(model_cfg: LlamaConfig, params, inputs_BT, targets_BT):
+def _logprobs(model_cfg: LlamaConfig, params, inputs_BT, targets_BT, temperature: float = 1.0):
     positions_BT = jnp.broadcast_to(jnp.arange(inputs_BT.shape[1], dtype=jnp.int32), inputs_BT.shape)
     logits_BTV, _ = forward(model_cfg, params, inputs_BT, positions_BT)
+    if temperature != 1.0:
+        logits_BTV = logits_BTV.astype(jnp.float32) / temperature
     return token_logprobs(logits_BTV, targets_BT)
 
 
 def _loss(params, batch, ref_logp_BT, num_rollouts, *, model_cfg: LlamaConfig, cfg: GRPOConfig):
-    logp_BT = _logprobs(model_cfg, params, batch["inputs_BT"], batch["targets_BT"])
+    logp_BT = _logprobs(model_cfg, params, batch["inputs_BT"], batch["targets_BT"], cfg.logprob_temperature)
     return grpo_loss(logp_BT, batch["old_logp_BT"], ref_logp_BT, batch["adv_B"], batch["mask_BT"],
                      batch["rollout_B"], num_rollouts, cfg.clip_epsilon, cfg.kl_beta,
                      rollout_size_B=batch["rollout_size_B"])
@@ -145,7 +147,7 @@ def compile_fns(model_cfg: LlamaConfig, cfg: GRPOConfig, mesh: jax.sharding.Mesh
     rows, scalar = sh.batch_sharding(mesh), sh.replicated(mesh)
     batch_shard = {k: rows for k in ("inputs_BT", "targets_BT", "mask_BT", "old_logp_BT", "adv_B", "rollout_B",
                                      "rollout_size_B")}
-    ref = jax.jit(functools.partial(_logprobs, model_cfg), in_shardings=(p_shard, rows, rows), out_shardings=rows)
+    ref = jax.jit(functools.partial(_logprobs, model_cfg, temperature=cfg.logprob_temperature), in_shardings=(p_shard, rows, rows), out_shardings=rows)
     grads = jax.jit(jax.value_and_grad(functools.partial(_loss, model_cfg=model_cfg, cfg=cfg), has_aux=True),
                     in_shardings=(p_shard, batch_shard, rows, scalar),
                     out_shardings=((scalar, scalar), p_shard))
@@ -180,7 +182,8 @@ def rollouts(model_cfg, params, codec: Codec, problems: Sequence[dict], method: 
     if mesh is not None and loop.slots % sh.batch_axes_size(mesh):
         mesh = None
     engine = Engine(model_cfg, params, slots=loop.slots, eos_id=eos_id, context=loop.context, mesh=mesh,
-                    sampling=Sampling(temperature=cfg.temperature), stop_sequences=[codec.ids(traces.JOIN_OPEN)],
+                    sampling=Sampling(temperature=cfg.temperature, logprob_temperature=cfg.logprob_temperature),
+                    stop_sequences=[codec.ids(traces.JOIN_OPEN)],
                     aid=make_aid(loop.aid, codec))
     run = loop.run_config(method, seed=cfg.seed * 1_000_003 + step)
     return Runtime(engine, codec, run).solve(expand_groups(problems, cfg.group_size))
@@ -261,7 +264,8 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
             keep = (informative_rollouts(rewards, cfg.group_size) if cfg.skip_uniform_groups
                     else np.ones(len(records), bool))
             kept = [r for r, k in zip(records, keep) if k]
-            seqs = rollout_sequences(kept, adv[keep].tolist())
+            seqs = rollout_sequences(kept, adv[keep].tolist(), 
+                                     drop_roles=() if cfg.train_children else ("child",))
             batches = micro_batches(seqs, loop.micro_batch, context, pad) if seqs else []
             sharded = [sh.shard_batch(b, mesh) for b in batches]
             num_rollouts = jnp.float32(len(kept))

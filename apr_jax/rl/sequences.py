@@ -75,18 +75,21 @@ def _sequence(thread: dict, rollout: int, rollout_size: int, advantage: float) -
 
 
 def rollout_sequences(records: SequenceOf[dict], advantages: SequenceOf[float],
-                      first_rollout_index: int = 0) -> list[Sequence]:
+                      first_rollout_index: int = 0, drop_roles: SequenceOf[str] = ()) -> list[Sequence]:
     """One :class:`Sequence` per thread that ran (non-empty ``token_ids``) of each record.
 
     All sequences of ``records[i]`` get advantage ``advantages[i]`` and rollout index
-    ``first_rollout_index + i``. Threads that never ran or generated nothing are skipped.
+    ``first_rollout_index + i``. Threads that never ran or generated nothing are skipped. ``drop_roles``
+    leaves out the threads of those roles (e.g. ``("child",)``); ``rollout_size`` still counts every thread
+    of the tree that ran, so a kept sequence weighs what it would in the whole tree.
     """
     if len(records) != len(advantages):
         raise ValueError(f"rollout_sequences: {len(records)} records but {len(advantages)} advantages")
     out = []
     for i, (record, advantage) in enumerate(zip(records, advantages)):
         threads = [t for t in record["threads"] if _ran(t)]
-        out.extend(_sequence(t, first_rollout_index + i, len(threads), advantage) for t in threads)
+        out.extend(_sequence(t, first_rollout_index + i, len(threads), advantage) for t in threads
+                   if t["role"] not in drop_roles)
     return out
 
 
