@@ -21,7 +21,8 @@ from apr_jax.rl import (
     pad_batch,
     reward,
     rollout_sequences,
-    spawn_credit,
+    choice_credit,
+    parent_choice,
     token_logprobs,
 )
 
@@ -57,19 +58,29 @@ def test_reward_definition():
     cfg = GRPOConfig(sequential_token_penalty=0.1, children_penalty=0.05)
     assert reward(True, 2000, 3, cfg) == pytest.approx(1.0 - 0.2 - 0.15)
 
-def test_spawn_credit_signs_the_push_on_spawning():
+def test_choice_credit_signs_the_push_on_each_choice_of_the_parent():
     # Group 0 mixed: spawners rewarded 1, 0; serial 1, 1 -> mean 0.75, std sqrt(0.1875), spawners' mean
-    # advantage (0.25 - 0.75) / 2 / std < 0. Group 1: all spawn (not mixed). Group 2: mixed but equal rewards.
-    children = [3, 2, 0, 0, 4, 4, 1, 2, 0, 0, 0, 5]
+    # advantage (0.25 - 0.75) / 2 / std < 0. Group 1: all spawn (not mixed). Group 2: mixed, equal rewards.
+    choices = ["spawn", "spawn", "serial", "serial"] + ["spawn"] * 4 + ["join_marker", "serial", "serial", "spawn"]
     rewards = np.array([1, 0, 1, 1, 0, 1, 0, 1, 0, 0, 0, 0], np.float32)
     adv = np.asarray(group_advantages(jnp.asarray(rewards), 4))
-    out = spawn_credit(children, rewards, adv, 4)
-    assert out["spawn_fraction"] == pytest.approx(7 / 12)
-    assert out["reward_spawned"] == pytest.approx(3 / 7) and out["reward_serial"] == pytest.approx(2 / 5)
+    out = choice_credit(choices, rewards, adv, 4)
+    std = math.sqrt(0.1875)
     assert out["mixed_groups"] == 1
-    assert out["spawn_advantage"] == pytest.approx((0.25 - 0.75) / 2 / math.sqrt(0.1875), rel=1e-5)
-    serial = spawn_credit([0, 0], [1.0, 0.0], [1.0, -1.0], 2)
-    assert serial == {"spawn_fraction": 0.0, "reward_serial": 0.5, "mixed_groups": 0}
+    assert (out["spawn_share"], out["serial_share"], out["join_marker_share"]) == (7 / 12, 4 / 12, 1 / 12)
+    assert out["spawn_reward"] == pytest.approx(3 / 7) and out["serial_reward"] == pytest.approx(2 / 4)
+    assert out["join_marker_reward"] == 0.0 and "join_marker_advantage" not in out  # only in an unmixed group
+    assert out["spawn_advantage"] == pytest.approx((0.25 - 0.75) / 2 / std, rel=1e-5)
+    assert out["serial_advantage"] == pytest.approx(0.25 / std, rel=1e-5)
+    assert choice_credit(["serial"] * 2, [1.0, 0.0], [1.0, -1.0], 2) == {
+        "mixed_groups": 0, "spawn_share": 0.0, "serial_share": 1.0, "serial_reward": 0.5, "join_marker_share": 0.0}
+
+
+def test_parent_choice_reads_the_rollout_record():
+    assert parent_choice({"children": 2, "threads": []}) == "spawn"
+    assert parent_choice({"children": 0, "threads": [{"role": "parent", "stop": "join_marker"}]}) == "join_marker"
+    assert parent_choice({"children": 0, "threads": [{"role": "parent", "stop": "eos"}]}) == "serial"
+    assert parent_choice({"children": 0, "threads": [{"role": "sample", "stop": "join_marker"}]}) == "serial"
 
 
 # ------------------------------------------------------------------------------------ per-token terms

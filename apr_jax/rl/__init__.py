@@ -3,7 +3,9 @@ objective aggregated over whole thread trees, and the conversion of rollout reco
 
 from apr_jax.rl.config import GRPOConfig
 from apr_jax.rl.objective import (
+    PARENT_CHOICES,
     aggregate,
+    choice_credit,
     clip_active,
     clipped_surrogate,
     group_advantages,
@@ -12,18 +14,20 @@ from apr_jax.rl.objective import (
     informative_rollouts,
     k3_kl,
     masked_mean,
+    parent_choice,
     reward,
     rollout_sizes,
-    spawn_credit,
     token_logprobs,
 )
 from apr_jax.rl.sequences import Sequence, bucket_width, pad_batch, rollout_sequences
 
 __all__ = [
     "GRPOConfig",
+    "PARENT_CHOICES",
     "Sequence",
     "aggregate",
     "bucket_width",
+    "choice_credit",
     "clip_active",
     "clipped_surrogate",
     "group_advantages",
@@ -33,9 +37,9 @@ __all__ = [
     "k3_kl",
     "masked_mean",
     "pad_batch",
+    "parent_choice",
     "reward",
     "rollout_sequences",
     "rollout_sizes",
-    "spawn_credit",
     "token_logprobs",
 ]

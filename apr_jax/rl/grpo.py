@@ -46,7 +46,7 @@ from apr_jax.inference.sampling import Sampling
 from apr_jax.model import forward, llama
 from apr_jax.model.config import LlamaConfig
 from apr_jax.rl.config import GRPOConfig
-from apr_jax.rl.objective import (group_advantages, grpo_loss, informative_rollouts, reward, spawn_credit,
+from apr_jax.rl.objective import (group_advantages, grpo_loss, choice_credit, informative_rollouts, parent_choice, reward,
                                   token_logprobs)
 from apr_jax.rl.sequences import Sequence as TrainSequence, bucket_width, pad_batch, rollout_sequences
 from apr_jax.train import sharding as sh
@@ -293,7 +293,7 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
                 "total_tokens": float(np.mean([r["total_tokens"] for r in records])),
                 "sequential_tokens": float(np.mean([r["sequential_tokens"] for r in records])),
                 "sequences": len(seqs), "kept_rollouts": len(kept),
-                **spawn_credit([r["children"] for r in records], rewards, adv, cfg.group_size),
+                **choice_credit([parent_choice(r) for r in records], rewards, adv, cfg.group_size),
                 "rollout_s": round(t_roll, 2), "update_s": round(t_update, 2),
                 "rollout_tokens_per_s": generated / max(t_roll, 1e-9),
                 "update_tokens_per_s": trained_tokens / max(t_update, 1e-9),

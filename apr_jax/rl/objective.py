@@ -46,34 +46,49 @@ def informative_rollouts(rewards_B, group_size: int) -> np.ndarray:
     return np.repeat(varied_P, group_size)
 
 
-def spawn_credit(children_B, rewards_B, adv_B, group_size: int) -> dict[str, float]:
-    """How a step's advantages credit the parent's choice to spawn children rather than search serially.
+PARENT_CHOICES = ("spawn", "serial", "join_marker")
 
-    In a group holding both kinds of rollout, the advantages sum to zero, so on the choice "spawn or not"
-    (one decision of the parent, read as a two-way softmax) the policy-gradient term has the sign of the
-    summed advantage of the group's spawning rollouts: > 0 raises spawning, < 0 lowers it. The aggregation's
-    per-tree weights (a tree of a parent and ``k`` children weighs each of its sequences ``1 / (k + 1)``)
-    scale that term, and flip it only when the spawning trees of one group carry very different weights
-    (docs/rl.md, "Why GRPO stops spawning").
 
-    Returns (keys whose value is undefined are left out):
-      spawn_fraction: share of rollouts that spawned at least one child.
-      reward_spawned, reward_serial: mean reward of the rollouts that spawned / did not.
-      mixed_groups: groups holding both kinds whose rewards differ (the groups that move the choice).
-      spawn_advantage: mean advantage of the spawning rollouts of the mixed groups.
+def parent_choice(record: dict) -> str:
+    """What an APR rollout's parent did where it could spawn: ``"spawn"`` (children ran),
+    ``"join_marker"`` (it wrote the join marker ``<Sub Searches>`` itself, inventing its children's results:
+    the rollout ends unsolved) or ``"serial"`` (neither: it searched on alone). SoS+ rollouts are serial."""
+    if record.get("children", 0) > 0:
+        return "spawn"
+    if any(t.get("role") == "parent" and t.get("stop") == "join_marker" for t in record.get("threads", ())):
+        return "join_marker"
+    return "serial"
+
+
+def choice_credit(choices_B, rewards_B, adv_B, group_size: int) -> dict[str, float]:
+    """How a step's advantages credit each choice of the parent (:func:`parent_choice`).
+
+    For one decision made by a softmax over options, the policy-gradient term on option ``c``'s logit is
+    ``sum_i A_i * (1[a_i == c] - p_c)``; the advantages of a group sum to zero, so this is the summed
+    advantage of the group's rollouts that chose ``c``: > 0 raises ``c``, < 0 lowers it. The aggregation's
+    per-sequence weights (a tree of a parent and ``k`` children weighs each of its sequences ``1 / (k + 1)``,
+    a sequence's tokens ``1 / length``) scale each rollout's term and can tilt the sum only where rollouts of
+    one group carry very different weights (docs/rl.md, "Why GRPO stops spawning").
+
+    Returns, for each choice ``c`` that occurs (keys of an undefined value are left out):
+      ``{c}_share``: share of rollouts that made it; ``{c}_reward``: their mean reward;
+      ``{c}_advantage``: mean advantage of the rollouts that made it, within the mixed groups;
+      and ``mixed_groups``: groups holding more than one choice whose rewards differ (those that move the
+      choice).
     """
-    spawned_PG = (np.asarray(children_B) > 0).reshape(-1, group_size)
-    rewards_PG = np.asarray(rewards_B, np.float64).reshape(spawned_PG.shape)
-    adv_PG = np.asarray(adv_B, np.float64).reshape(spawned_PG.shape)
-    out: dict[str, float] = {"spawn_fraction": float(spawned_PG.mean())}
-    if spawned_PG.any():
-        out["reward_spawned"] = float(rewards_PG[spawned_PG].mean())
-    if not spawned_PG.all():
-        out["reward_serial"] = float(rewards_PG[~spawned_PG].mean())
-    mixed_P = spawned_PG.any(axis=1) & ~spawned_PG.all(axis=1) & (rewards_PG.max(axis=1) > rewards_PG.min(axis=1))
-    out["mixed_groups"] = int(mixed_P.sum())
-    if mixed_P.any():
-        out["spawn_advantage"] = float(adv_PG[mixed_P][spawned_PG[mixed_P]].mean())
+    choices_PG = np.asarray(choices_B, dtype=object).reshape(-1, group_size)
+    rewards_PG = np.asarray(rewards_B, np.float64).reshape(choices_PG.shape)
+    adv_PG = np.asarray(adv_B, np.float64).reshape(choices_PG.shape)
+    mixed_P = (np.array([len(set(row)) > 1 for row in choices_PG], bool)
+               & (rewards_PG.max(axis=1) > rewards_PG.min(axis=1)))
+    out: dict[str, float] = {"mixed_groups": int(mixed_P.sum())}
+    for c in PARENT_CHOICES:
+        made_PG = choices_PG == c
+        out[f"{c}_share"] = float(made_PG.mean())
+        if made_PG.any():
+            out[f"{c}_reward"] = float(rewards_PG[made_PG].mean())
+        if made_PG[mixed_P].any():
+            out[f"{c}_advantage"] = float(adv_PG[mixed_P][made_PG[mixed_P]].mean())
     return out
 
 
