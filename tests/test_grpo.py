@@ -43,7 +43,8 @@ def test_equal_rewards_leave_the_policy_unchanged(sft_run, tmp_path):
     np.testing.assert_array_equal(flat(before), flat(after))
 
 
-def test_update_raises_rewarded_and_lowers_unrewarded_rollouts(sft_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("aggregation", ["tree", "token"])
+def test_update_raises_rewarded_and_lowers_unrewarded_rollouts(sft_run, tmp_path, monkeypatch, aggregation):
     seen = []
     real = grpo.rollouts
 
@@ -55,7 +56,7 @@ def test_update_raises_rewarded_and_lowers_unrewarded_rollouts(sft_run, tmp_path
         return records
 
     monkeypatch.setattr(grpo, "rollouts", record)
-    run(sft_run, tmp_path / "rl", learning_rate=1e-3)
+    run(sft_run, tmp_path / "rl", learning_rate=1e-3, aggregation=aggregation)
     model_cfg, before = load_run(sft_run)
     _, after = load_run(tmp_path / "rl")
 

@@ -23,6 +23,7 @@ from apr_jax.rl import (
     rollout_sequences,
     choice_credit,
     parent_choice,
+    token_aggregate,
     token_logprobs,
 )
 
@@ -149,6 +150,23 @@ def test_aggregate_hand_value():
     want = ((1.5 + 30.0) / 2 + 6.0) / 2
     assert float(jax.jit(aggregate)(per_token_BT, mask_BT, rollout_B, 2)) == pytest.approx(want)
     assert want == 10.875
+
+
+def test_token_aggregate_weighs_every_loss_token_alike():
+    per_token_BT, mask_BT, rollout_B = _agg_batch()
+    # masked tokens of valid rows: 1, 2 | 20, 30, 40 | 5, 7 (7 tokens); padding row ignored
+    assert float(jax.jit(token_aggregate)(per_token_BT, mask_BT, rollout_B, 7)) == pytest.approx(105 / 7)
+    halves = [token_aggregate(per_token_BT[s], mask_BT[s], rollout_B[s], 7) for s in (slice(0, 1), slice(1, 4))]
+    assert float(sum(halves)) == pytest.approx(105 / 7)
+    ones_BT = jnp.ones((4, 4), jnp.float32)
+    adv_B = jnp.array([1.0, 1.0, -1.0, 0.0])
+    tree, _ = grpo_loss(ones_BT * 0, ones_BT * 0, ones_BT * 0, adv_B, mask_BT, rollout_B, 2, 0.2, 0.0)
+    token, _ = grpo_loss(ones_BT * 0, ones_BT * 0, ones_BT * 0, adv_B, mask_BT, rollout_B, 7, 0.2, 0.0,
+                         aggregation="token")
+    # ratio 1: per-token loss -A. tree: ((-1 - 1) / 2 + 1) / 2 = 0; token: (-5 + 2) / 7
+    assert float(tree) == pytest.approx(0.0) and float(token) == pytest.approx(-3 / 7)
+    with pytest.raises(ValueError, match="aggregation"):
+        grpo_loss(ones_BT, ones_BT, ones_BT, adv_B, mask_BT, rollout_B, 2, 0.2, 0.0, aggregation="seq")
 
 
 def test_aggregate_empty_mask_row_counts_but_adds_zero():
@@ -361,7 +379,7 @@ def test_config_defaults_are_the_papers():
     ("learning_rate", 0.0), ("learning_rate", float("nan")), ("clip_epsilon", 0.0), ("clip_epsilon", 1.0),
     ("kl_beta", -0.1), ("steps", 0), ("inner_updates", 0), ("grad_clip", -1.0), ("adv_eps", 0.0),
     ("seed", -1), ("sequential_token_penalty", -0.1), ("children_penalty", -1.0),
-    ("skip_uniform_groups", 1), ("tempered_logprobs", "yes"), ("train_children", None),
+    ("aggregation", "sequence"), ("skip_uniform_groups", 1), ("tempered_logprobs", "yes"), ("train_children", None),
 ])
 def test_config_rejects_invalid_values(field, value):
     with pytest.raises(ValueError, match=f"GRPOConfig.{field}"):

@@ -17,6 +17,7 @@ from apr_jax.rl.objective import (
     parent_choice,
     reward,
     rollout_sizes,
+    token_aggregate,
     token_logprobs,
 )
 from apr_jax.rl.sequences import Sequence, bucket_width, pad_batch, rollout_sequences
@@ -41,5 +42,6 @@ __all__ = [
     "reward",
     "rollout_sequences",
     "rollout_sizes",
+    "token_aggregate",
     "token_logprobs",
 ]

@@ -66,6 +66,10 @@ class GRPOConfig:
         distribution (as verl does). Off (the default, and the paper's setting, where the temperature is
         1.0 and both are the same): log-probabilities of the model at temperature 1, so rollouts sampled at
         another temperature are off-policy for the objective.
+      aggregation: how per-token losses add up. ``"tree"`` (the paper): each sequence's token mean, divided
+        by the number of sequences of its tree, summed, divided by the number of rollouts, so a parent call's
+        tokens weigh ``1 / (length * tree size)``. ``"token"`` (an ablation): every loss token of the step
+        weighs the same (DAPO's token-level loss).
       train_children: children's sequences carry loss (the paper: the whole tree is trained). False (an
         ablation) trains only the parent calls; each still weighs ``1 / (sequences of its tree)``.
 
@@ -90,6 +94,7 @@ class GRPOConfig:
     children_penalty: float = 0.0
     skip_uniform_groups: bool = False
     tempered_logprobs: bool = False
+    aggregation: str = "tree"
     train_children: bool = True
 
     def __post_init__(self) -> None:
@@ -108,6 +113,8 @@ class GRPOConfig:
         _int_at_least("seed", self.seed, 0)
         _non_negative("sequential_token_penalty", self.sequential_token_penalty)
         _non_negative("children_penalty", self.children_penalty)
+        if self.aggregation not in ("tree", "token"):
+            raise ValueError(f"GRPOConfig.aggregation must be 'tree' or 'token', got {self.aggregation!r}")
         for name in ("skip_uniform_groups", "tempered_logprobs", "train_children"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GRPOConfig.{name} must be a bool, got {getattr(self, name)!r}")

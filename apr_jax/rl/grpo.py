@@ -129,11 +129,11 @@ def _logprobs(model_cfg: LlamaConfig, params, inputs_BT, targets_BT, temperature
     return token_logprobs(logits_BTV, targets_BT)
 
 
-def _loss(params, batch, ref_logp_BT, num_rollouts, *, model_cfg: LlamaConfig, cfg: GRPOConfig):
+def _loss(params, batch, ref_logp_BT, divisor, *, model_cfg: LlamaConfig, cfg: GRPOConfig):
     logp_BT = _logprobs(model_cfg, params, batch["inputs_BT"], batch["targets_BT"], cfg.logprob_temperature)
     return grpo_loss(logp_BT, batch["old_logp_BT"], ref_logp_BT, batch["adv_B"], batch["mask_BT"],
-                     batch["rollout_B"], num_rollouts, cfg.clip_epsilon, cfg.kl_beta,
-                     rollout_size_B=batch["rollout_size_B"])
+                     batch["rollout_B"], divisor, cfg.clip_epsilon, cfg.kl_beta,
+                     rollout_size_B=batch["rollout_size_B"], aggregation=cfg.aggregation)
 
 
 @functools.lru_cache(maxsize=4)
@@ -268,14 +268,15 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
                                      drop_roles=() if cfg.train_children else ("child",))
             batches = micro_batches(seqs, loop.micro_batch, context, pad) if seqs else []
             sharded = [sh.shard_batch(b, mesh) for b in batches]
-            num_rollouts = jnp.float32(len(kept))
+            # the loss's divisor: rollouts (the paper's aggregation) or loss tokens (token-level)
+            divisor = jnp.float32(len(kept) if cfg.aggregation == "tree" else sum(int(s.loss_mask.sum()) for s in seqs))
             refs = [ref_fn(ref_params, b["inputs_BT"], b["targets_BT"]) for b in sharded]
             t1 = time.perf_counter()
             total, aux, grad_norm = 0.0, [], 0.0
             for _ in range(cfg.inner_updates if sharded else 0):
                 total, aux, grads = 0.0, [], None
                 for b, ref in zip(sharded, refs):
-                    (loss, metrics), g = grad_fn(params, b, ref, num_rollouts)
+                    (loss, metrics), g = grad_fn(params, b, ref, divisor)
                     grads = g if grads is None else add_fn(grads, g)
                     total += loss
                     aux.append(metrics)

@@ -13,6 +13,8 @@ Shape suffixes: ``B`` batch rows (sequences), ``T`` tokens, ``V`` vocabulary, ``
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,14 +167,25 @@ def aggregate(per_token_BT: jax.Array, mask_BT: jax.Array, rollout_B: jax.Array,
     return (seq_mean_B * weight_B).sum() / num_rollouts
 
 
+def token_aggregate(per_token_BT: jax.Array, mask_BT: jax.Array, rollout_B: jax.Array,
+                    num_tokens: int | jax.Array) -> jax.Array:
+    """``sum of loss over the masked tokens of valid rows / num_tokens``: every loss token of a step weighs
+    the same, whatever its sequence's length or its tree's size (DAPO's token-level loss, Yu et al. 2025,
+    arXiv 2503.14476). ``num_tokens`` is the step's number of loss tokens, so micro-batches add up."""
+    valid_BT = mask_BT.astype(jnp.bool_) & (rollout_B >= 0)[:, None]
+    return jnp.where(valid_BT, per_token_BT, 0.0).sum() / num_tokens
+
+
 def grpo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, ref_logp_BT: jax.Array, adv_B: jax.Array,
               mask_BT: jax.Array, rollout_B: jax.Array, num_rollouts: int | jax.Array, clip_epsilon: float,
-              kl_beta: float, rollout_size_B: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+              kl_beta: float, rollout_size_B: jax.Array | None = None,
+              aggregation: str = "tree") -> tuple[jax.Array, dict[str, jax.Array]]:
     """GRPO loss ``aggregate(clipped_surrogate + kl_beta * k3_kl)`` and its metrics.
 
     ``logp_BT`` are the current policy's log-probs of the targets (differentiated), ``old_logp_BT`` the
     sampling policy's and ``ref_logp_BT`` the frozen reference's. See :func:`aggregate` for ``rollout_B``,
-    ``num_rollouts`` and ``rollout_size_B``.
+    ``num_rollouts`` and ``rollout_size_B``. ``aggregation="token"`` uses :func:`token_aggregate` instead
+    (``GRPOConfig.aggregation``); ``num_rollouts`` is then the step's number of loss tokens.
 
     Log-probs outside ``mask_BT`` are replaced by 0 before any exponential, so padding can produce
     neither an overflow nor a NaN gradient.
@@ -184,9 +197,14 @@ def grpo_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, ref_logp_BT: jax.Array
     logp_BT, old_logp_BT, ref_logp_BT = (jnp.where(mask_BT, x_BT.astype(jnp.float32), 0.0)
                                          for x_BT in (logp_BT, old_logp_BT, ref_logp_BT))
     ratio_BT = importance_ratio(logp_BT, old_logp_BT)
-    surrogate = aggregate(clipped_surrogate(ratio_BT, adv_B, clip_epsilon), mask_BT, rollout_B,
-                          num_rollouts, rollout_size_B)
-    kl = aggregate(k3_kl(logp_BT, ref_logp_BT), mask_BT, rollout_B, num_rollouts, rollout_size_B)
+    if aggregation == "tree":
+        combine = functools.partial(aggregate, rollout_size_B=rollout_size_B)
+    elif aggregation == "token":
+        combine = token_aggregate
+    else:
+        raise ValueError(f"grpo_loss: aggregation must be 'tree' or 'token', got {aggregation!r}")
+    surrogate = combine(clipped_surrogate(ratio_BT, adv_B, clip_epsilon), mask_BT, rollout_B, num_rollouts)
+    kl = combine(k3_kl(logp_BT, ref_logp_BT), mask_BT, rollout_B, num_rollouts)
     token_mask_BT = mask_BT.astype(jnp.bool_) & (rollout_B >= 0)[:, None]
     metrics = {
         "surrogate": surrogate,
