@@ -46,8 +46,8 @@ from apr_jax.inference.sampling import Sampling
 from apr_jax.model import forward, llama
 from apr_jax.model.config import LlamaConfig
 from apr_jax.rl.config import GRPOConfig
-from apr_jax.rl.objective import (group_advantages, grpo_loss, choice_credit, informative_rollouts, parent_choice, reward,
-                                  token_logprobs)
+from apr_jax.rl.objective import (PARENT_CHOICES, choice_credit, group_advantages, grpo_loss, informative_rollouts,
+                                  parent_choice, reward, token_logprobs)
 from apr_jax.rl.sequences import Sequence as TrainSequence, bucket_width, pad_batch, rollout_sequences
 from apr_jax.train import sharding as sh
 
@@ -324,7 +324,9 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
 
 
 def plot_rl(run_dir: str | Path, title: str | None = None) -> Path | None:
-    """Save ``RUN_DIR/rl.png``: mean rollout reward per step and greedy validation accuracy."""
+    """Save ``RUN_DIR/rl.png``: mean rollout reward per step and greedy validation accuracy; beside them,
+    for an APR run, children per rollout and what the parents chose (:func:`apr_jax.rl.objective.parent_choice`:
+    shares of rollouts that spawned, searched on alone, or wrote the join marker themselves)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,11 +335,14 @@ def plot_rl(run_dir: str | Path, title: str | None = None) -> Path | None:
     from apr_jax.train.metrics import read_metrics
 
     records = read_metrics(run_dir)
-    train = [(r["step"], r["reward"]) for r in records if r.get("split") == "train" and "reward" in r]
+    train_records = [r for r in records if r.get("split") == "train"]
+    train = [(r["step"], r["reward"]) for r in train_records if "reward" in r]
     val = [(r["step"], r["accuracy"]) for r in records if r.get("split") == "val" and "accuracy" in r]
     if not train and not val:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    spawning = any(r.get("children", 0) > 0 for r in train_records)
+    fig, axes = plt.subplots(1, 2 if spawning else 1, figsize=(11 if spawning else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train), label="rollout reward (mean)", alpha=0.7)
     if val:
@@ -346,6 +351,23 @@ def plot_rl(run_dir: str | Path, title: str | None = None) -> Path | None:
     ax.set_ylim(-0.02, 1.02)
     ax.legend()
     ax.set_title(title or "GRPO")
+    if spawning:
+        ax = axes[0, 1]
+        steps = [r["step"] for r in train_records]
+        ax.plot(steps, [r.get("children", 0) for r in train_records], "k-", label="children per rollout")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("children per rollout")
+        shares = ax.twinx()
+        for choice in PARENT_CHOICES:
+            points = [(r["step"], r[f"{choice}_share"]) for r in train_records if f"{choice}_share" in r]
+            if points:
+                shares.plot(*zip(*points), "--", label=f"share: {choice.replace('_', ' ')}")
+        shares.set_ylim(-0.02, 1.02)
+        shares.set_ylabel("share of rollouts")
+        handles = ax.get_legend_handles_labels()
+        extra = shares.get_legend_handles_labels()
+        ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="upper right")
+        ax.set_title("what the parents chose")
     fig.tight_layout()
     path = Path(run_dir) / "rl.png"
     fig.savefig(path, dpi=120)
