@@ -148,7 +148,8 @@ def cmd_rl(args) -> int:
     loop = grpo.LoopConfig(slots=args.slots, micro_batch=args.micro_batch, context=args.context,
                            max_total_tokens=args.max_total_tokens, eval_every=args.eval_every,
                            eval_problems=args.eval_problems, ckpt_every=args.ckpt_every, aid=args.aid,
-                           sub_call_budget=args.sub_call_budget, token_budget=args.token_budget)
+                           sub_call_budget=args.sub_call_budget, token_budget=args.token_budget,
+                           save_rollouts=args.save_rollouts)
     summary = grpo.train(args.init, args.out, cfg, loop, resume=args.resume, progress=not args.quiet)
     print(json.dumps(summary, default=str))
     return 0
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=10, help="greedy validation every N steps (0: never)")
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--ckpt-every", type=int, default=5)
+    p.add_argument("--save-rollouts", action="store_true",
+                   help="write each step's rollouts (texts, rewards, advantages, choices) to OUT/rollouts/")
     p.add_argument("--quiet", action="store_true")
     _add_distributed(p)
     p.set_defaults(fn=cmd_rl)

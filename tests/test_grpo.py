@@ -184,3 +184,30 @@ def test_skip_uniform_groups_with_no_varied_group_makes_no_update(sft_run, tmp_p
     _, before = load_run(sft_run)
     _, after = load_run(tmp_path / "rl")
     np.testing.assert_array_equal(flat(before), flat(after))
+
+
+def test_saved_rollouts_hold_what_each_update_was_trained_on(sft_run, tmp_path, monkeypatch):
+    real = grpo.rollouts
+
+    def record(*args, **kwargs):
+        records = real(*args, **kwargs)
+        for i, r in enumerate(records):
+            r["correct"] = i == 0  # only the first group has two different rewards
+        return records
+
+    monkeypatch.setattr(grpo, "rollouts", record)
+    cfg = dataclasses.replace(presets.load("tiny").rl, steps=1, skip_uniform_groups=True)
+    grpo.train(sft_run, tmp_path / "rl", cfg, dataclasses.replace(LOOP, save_rollouts=True), progress=False)
+    from apr_jax.data.datasets import read_jsonl
+
+    saved = list(read_jsonl(tmp_path / "rl" / "rollouts" / "step_00001.jsonl"))
+    assert len(saved) == cfg.rollouts_per_step
+    g = cfg.group_size
+    assert [r["reward"] for r in saved[:g]] == [1.0] + [0.0] * (g - 1)
+    np.testing.assert_allclose([r["advantage"] for r in saved[:g]],
+                               [(1 - 1 / g) / np.sqrt((g - 1) / g ** 2)] + [-1 / g / np.sqrt((g - 1) / g ** 2)] * (g - 1),
+                               rtol=1e-5)
+    assert [r["trained"] for r in saved] == [True] * g + [False] * (len(saved) - g)
+    assert all(r["choice"] in ("spawn", "serial", "join_marker") for r in saved)
+    thread = saved[0]["threads"][0]
+    assert "output" in thread and not {"token_ids", "prompt_ids", "logprobs"} & set(thread)

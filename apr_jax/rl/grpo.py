@@ -72,6 +72,9 @@ class LoopConfig:
       sub_call_budget: conditioning prefix ``Sub Call Budget: n`` on every APR rollout and validation
         prompt (for a model trained with ``data.condition_prefix``); None: no prefix.
       token_budget: conditioning prefix ``Token Budget: b`` on every SoS+ prompt; None: no prefix.
+      save_rollouts: write every step's rollouts to ``RUN/rollouts/step_NNNNN.jsonl`` (:func:`rollout_log`:
+        each thread's prompt, output and stop, the rollout's reward, advantage and parent choice; token ids
+        and log-probs left out), for auditing what an update was trained on.
     """
 
     slots: int = 16
@@ -85,6 +88,7 @@ class LoopConfig:
     aid: str = "none"
     sub_call_budget: int | None = None
     token_budget: int | None = None
+    save_rollouts: bool = False
 
     def run_config(self, method: str, seed: int = 0) -> RunConfig:
         """The runtime settings of this loop's rollouts (``seed``) and validation (seed 0)."""
@@ -169,6 +173,21 @@ def micro_batches(seqs: list[TrainSequence], rows: int, context: int, pad_id: in
         chunk = order[start:start + rows]
         width = bucket_width(max(len(s.tokens) for s in chunk) - 1, quantum=64, cap=context)
         out.append(pad_batch(chunk, rows, width, pad_id))
+    return out
+
+
+ROLLOUT_ID_FIELDS = ("prompt_ids", "token_ids", "logprobs", "forced")
+
+
+def rollout_log(records: Sequence[dict], rewards, advantages, kept) -> list[dict]:
+    """What :attr:`LoopConfig.save_rollouts` writes per rollout: the runtime's record without the per-token
+    arrays of its threads, plus ``reward``, ``advantage``, ``trained`` (its group was kept for the update)
+    and ``choice`` (:func:`apr_jax.rl.objective.parent_choice`)."""
+    out = []
+    for record, r, a, k in zip(records, rewards, advantages, kept):
+        threads = [{key: v for key, v in t.items() if key not in ROLLOUT_ID_FIELDS} for t in record["threads"]]
+        out.append({**record, "threads": threads, "reward": float(r), "advantage": float(a), "trained": bool(k),
+                    "choice": parent_choice(record)})
     return out
 
 
@@ -264,6 +283,10 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
             keep = (informative_rollouts(rewards, cfg.group_size) if cfg.skip_uniform_groups
                     else np.ones(len(records), bool))
             kept = [r for r, k in zip(records, keep) if k]
+            if loop.save_rollouts:
+                (out / "rollouts").mkdir(exist_ok=True)
+                datasets.atomic_write_text(out / "rollouts" / f"step_{step + 1:05d}.jsonl", "".join(
+                    datasets.dumps(r) + "\n" for r in rollout_log(records, rewards, adv, keep)))
             seqs = rollout_sequences(kept, adv[keep].tolist(), 
                                      drop_roles=() if cfg.train_children else ("child",))
             batches = micro_batches(seqs, loop.micro_batch, context, pad) if seqs else []
