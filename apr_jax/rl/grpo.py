@@ -220,6 +220,10 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
     from apr_jax.train.metrics import MetricsWriter, truncate_metrics
     from apr_jax.train.sft import _StopOnSignal
 
+    if cfg.temperature != 1.0 and not cfg.tempered_logprobs:
+        log.warning("rollouts are sampled at temperature %g but the objective trains the model at temperature 1 "
+                    "(off-policy; at 0.5 this removed spawning within 30 steps): rl.tempered_logprobs=true trains the "
+                    "policy that samples (docs/rl.md)", cfg.temperature)
     init_record = read_run_config(init_dir)
     method = init_record["method"]
     model_cfg, init_params, tok = load_run_model(init_dir)
