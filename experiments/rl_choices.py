@@ -7,8 +7,13 @@ Reads each run's ``metrics.jsonl`` (no model is loaded) and, per window of ``--w
 ``--from-step``: children per rollout, rollout reward, the share of rollouts whose parent spawned, searched on
 alone or wrote the join marker itself (:func:`apr_jax.rl.objective.parent_choice`), each choice's mean reward
 and its mean advantage in the groups that mixed choices (:func:`apr_jax.rl.objective.choice_credit`: > 0
-means the outcome reward pushes that choice up), the KL, and the last greedy validation. Prints a Markdown
-table, writes ``rl_choices.json`` and ``rl_choices.png`` (children and spawn share per step, one line per run).
+means the outcome reward pushes that choice up), the KL, and the last greedy validation. For a run made with
+``--save-rollouts`` also, over its spawning rollouts: ``child_solved`` (some child returned a verified path,
+:func:`apr_jax.inference.runtime.child_solved`), ``assembled`` (of those, the share whose parent answered
+correctly) and ``found_but_penalised`` (of those, the share with a negative advantage: a child's successful
+search trained down because its parent failed to use it; every sequence of a tree shares its advantage).
+Prints a Markdown table, writes ``rl_choices.json`` and ``rl_choices.png`` (children and spawn share per step,
+one line per run).
 """
 
 from __future__ import annotations
@@ -20,7 +25,24 @@ from pathlib import Path
 from _evals import ROOT  # noqa: F401  (puts the checkout on sys.path)
 
 FIELDS = ("children", "reward", "spawn_share", "serial_share", "join_marker_share", "spawn_reward", "serial_reward",
-          "spawn_advantage", "serial_advantage", "kl")
+          "spawn_advantage", "serial_advantage", "kl", "child_solved", "assembled", "found_but_penalised")
+
+
+def rollout_fields(run_dir: str | Path, step: int) -> dict:
+    """``child_solved``, ``assembled`` and ``found_but_penalised`` of one step's saved rollouts ({} if none)."""
+    from apr_jax.data.datasets import read_jsonl
+    from apr_jax.inference.runtime import child_solved
+
+    path = Path(run_dir) / "rollouts" / f"step_{step:05d}.jsonl"
+    if not path.exists():
+        return {}
+    spawned = [r for r in read_jsonl(path) if r["choice"] == "spawn"]
+    found = [r for r in spawned if child_solved(r)]
+    out = {"child_solved": len(found) / len(spawned)} if spawned else {}
+    if found:
+        out["assembled"] = sum(r["correct"] for r in found) / len(found)
+        out["found_but_penalised"] = sum(r["advantage"] < 0 for r in found) / len(found)
+    return out
 
 
 def windows(records: list[dict], start: int, width: int) -> list[dict]:
@@ -58,6 +80,9 @@ def main() -> None:
         records = read_metrics(folder)
         if not records:
             p.error(f"{folder}: no metrics.jsonl records")
+        for r in records:
+            if r.get("split") == "train":
+                r.update(rollout_fields(folder, r["step"]))
         val = [r for r in records if r.get("split") == "val" and r["step"] > args.from_step]
         runs[name] = {"dir": folder, "windows": windows(records, args.from_step, args.window),
                       "validation": val[-1] if val else None,
