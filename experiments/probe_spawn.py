@@ -11,7 +11,9 @@ spawns, the model's probability of ``<Calling Sub Searches>`` and of ``Exploring
 the number ``k`` of nodes listed so far and by what the demonstration does there (see
 :func:`apr_jax.train.probe.spawn_hazard`). With the ``Sub Call Budget: n`` prefix in the data, a model that
 counts gives a high spawn probability on the "stop" side and a low one on the "go" side of the same ``k``.
-Prints a table and writes it as JSON.
+Prints a table and writes it as JSON. Also, at the point where each demonstration spawns, what the model would
+write instead (:func:`apr_jax.train.probe.spawn_point`): the spawn, the join marker ``<Sub Searches>`` (which a
+parent must never write itself), ``Moving to Node #`` (searching on serially) or another root node.
 """
 
 from __future__ import annotations
@@ -32,17 +34,21 @@ def main() -> None:
     p.add_argument("--out", required=True, help="JSON output")
     args = p.parse_args()
     from apr_jax.inference.evaluate import load_run_model
-    from apr_jax.train.probe import model_log_probs, spawn_hazard, validation_sequences
+    from apr_jax.train.probe import model_log_probs, spawn_hazard, spawn_point, validation_sequences
 
     cfg, params, tok = load_run_model(args.ckpt, step=args.step)
-    table = spawn_hazard(model_log_probs(cfg, params), tok, validation_sequences(args.data, "apr", args.n))
+    log_probs, seqs = model_log_probs(cfg, params), validation_sequences(args.data, "apr", args.n)
+    table = spawn_hazard(log_probs, tok, seqs)
+    at_spawn = spawn_point(log_probs, tok, seqs)
     print(f"{'k':>3} {'side':>5} {'n':>4} {'p(spawn)':>9} {'p(explore)':>10}")
     for k, sides in table.items():
         for side, cell in sides.items():
             print(f"{k:>3} {side:>5} {cell['n']:>4} {cell['p_spawn']:>9.3f} {cell['p_explore']:>10.3f}")
+    print(f"at the spawn point ({at_spawn['n']} parents): " +
+          ", ".join(f"{word.strip()!r} {p:.3f}" for word, p in at_spawn.items() if word != "n"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"ckpt": args.ckpt, "step": args.step, "n": args.n,
-                                          "by_nodes_listed": table}, indent=1) + "\n")
+                                          "by_nodes_listed": table, "at_spawn_point": at_spawn}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

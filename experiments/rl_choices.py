@@ -102,12 +102,12 @@ def main() -> None:
                   f"{v.get('mean_children', 0):.2f} children")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-    for name, run in runs.items():
+    for i, (name, run) in enumerate(runs.items()):
         steps = [r["step"] for r in run["steps"]]
-        axes[0].plot(steps, [r.get("children", 0) for r in run["steps"]], label=name)
+        axes[0].plot(steps, [r.get("children", 0) for r in run["steps"]], color=f"C{i}", label=name)
         share = [(r["step"], r["spawn_share"]) for r in run["steps"] if "spawn_share" in r]
         if share:
-            axes[1].plot(*zip(*share), label=name)
+            axes[1].plot(*zip(*share), color=f"C{i}", label=name)
     axes[0].set_ylabel("children per rollout")
     axes[1].set_ylabel("share of rollouts that spawn")
     axes[1].set_ylim(-0.02, 1.02)

@@ -98,3 +98,32 @@ def test_spawn_hazard_groups_line_starts_by_nodes_listed_and_by_what_the_demo_do
     p0, p2 = table[0]["go"]["p_spawn"], table[2]["stop"]["p_spawn"]
     assert 0 < p0 < p2 <= 0.9  # later line starts, higher spawn probability in this fake model
     assert np.isclose(table[2]["stop"]["p_explore"], (1 - p2) / (vocab - 1))
+
+
+def test_spawn_point_reads_the_distribution_just_before_the_first_spawn():
+    from apr_jax.countdown import traces
+    from apr_jax.data.tokenizer import BOS_ID, EOS_ID, build_tokenizer
+    from apr_jax.train.probe import spawn_point
+
+    tok = build_tokenizer("integers", 3)
+    text = ("Moving to Node #0\nCurrent State: 31:[12, 26, 17], Operations: []\n"
+            "Exploring Operation: 12+17=29, Resulting Numbers: [26, 29]\n"
+            "Generated Node #0,0: 31:[26, 29] Operation: 12+17=29\n" + traces.spawn_block(1, ["0,0"]))
+    seq = np.array([BOS_ID] + tok.encode(text, add_special_tokens=False).ids + [EOS_ID])
+    ids = {w: tok.token_to_id(w) for w in (traces.SPAWN_OPEN, traces.JOIN_OPEN, "Moving to Node #")}
+    before = int(np.flatnonzero(seq == ids[traces.SPAWN_OPEN])[0]) - 1
+    vocab = tok.get_vocab_size()
+
+    def log_probs(x):  # spawn 0.6, join marker 0.3, serial 0.05 at the spawn point; uniform elsewhere
+        out = np.full((len(x), vocab), np.log(1.0 / vocab))
+        out[before] = np.log(0.05 / (vocab - 3))
+        for word, p in ((traces.SPAWN_OPEN, 0.6), (traces.JOIN_OPEN, 0.3), ("Moving to Node #", 0.05)):
+            out[before, ids[word]] = np.log(p)
+        return out
+
+    got = spawn_point(log_probs, tok, [seq, seq[:4]])  # the second has no spawn: skipped
+    assert got["n"] == 1
+    assert np.isclose(got[traces.SPAWN_OPEN], 0.6) and np.isclose(got[traces.JOIN_OPEN], 0.3)
+    assert np.isclose(got["Moving to Node #"], 0.05)
+    assert np.isclose(got[traces.EXPLORING], 0.05 / (vocab - 3))
+    assert np.isclose(got["other"], 0.05 - 0.05 / (vocab - 3))

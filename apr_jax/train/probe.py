@@ -166,6 +166,34 @@ def spawn_hazard(log_probs, tok, seqs: list[np.ndarray]) -> dict:
             for k, sides in sorted(sums.items())}
 
 
+SPAWN_POINT_TOKENS = (traces.SPAWN_OPEN, traces.JOIN_OPEN, traces.MOVING, traces.EXPLORING)
+
+
+def spawn_point(log_probs, tok, seqs: list[np.ndarray]) -> dict:
+    """What the model would write where an APR parent's demonstration spawns: teacher-forced, at the position
+    before the first ``<Calling Sub Searches>`` of each sequence that has one, the mean probability of spawning,
+    of writing the join marker ``<Sub Searches>`` itself, of going on serially (``Moving to Node #``) and of
+    listing another root node. Returns ``{"n": sequences read, token: mean probability, ...,
+    "other": the rest}``. ``log_probs`` and ``seqs`` as for :func:`spawn_hazard`."""
+    ids = {word: tok.token_to_id(word) for word in SPAWN_POINT_TOKENS}
+    missing = [word for word, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"the tokenizer has no single token for {missing}")
+    sums, n = dict.fromkeys(SPAWN_POINT_TOKENS, 0.0), 0
+    for seq in seqs:
+        seq = np.asarray(seq)
+        where = np.flatnonzero(seq == ids[traces.SPAWN_OPEN])
+        if not len(where) or where[0] == 0:
+            continue
+        p = np.exp(np.asarray(log_probs(seq.astype(np.int32)))[where[0] - 1])
+        n += 1
+        for word, i in ids.items():
+            sums[word] += float(p[i])
+    out = {"n": n, **{word: total / max(n, 1) for word, total in sums.items()}}
+    out["other"] = 1.0 - sum(out[word] for word in SPAWN_POINT_TOKENS) if n else 0.0
+    return out
+
+
 @functools.partial(jax.jit, static_argnames="cfg")
 def _log_softmax(cfg, params, tokens):
     from apr_jax.model import llama
