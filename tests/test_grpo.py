@@ -204,9 +204,9 @@ def test_saved_rollouts_hold_what_each_update_was_trained_on(sft_run, tmp_path, 
     assert len(saved) == cfg.rollouts_per_step
     g = cfg.group_size
     assert [r["reward"] for r in saved[:g]] == [1.0] + [0.0] * (g - 1)
+    std = np.sqrt((g - 1) / g ** 2)  # population std of one 1 and g - 1 zeros
     np.testing.assert_allclose([r["advantage"] for r in saved[:g]],
-                               [(1 - 1 / g) / np.sqrt((g - 1) / g ** 2)] + [-1 / g / np.sqrt((g - 1) / g ** 2)] * (g - 1),
-                               rtol=1e-5)
+                               [(1 - 1 / g) / std] + [-1 / g / std] * (g - 1), rtol=1e-5)
     assert [r["trained"] for r in saved] == [True] * g + [False] * (len(saved) - g)
     assert all(r["choice"] in ("spawn", "serial", "join_marker") for r in saved)
     thread = saved[0]["threads"][0]

@@ -151,7 +151,8 @@ def compile_fns(model_cfg: LlamaConfig, cfg: GRPOConfig, mesh: jax.sharding.Mesh
     rows, scalar = sh.batch_sharding(mesh), sh.replicated(mesh)
     batch_shard = {k: rows for k in ("inputs_BT", "targets_BT", "mask_BT", "old_logp_BT", "adv_B", "rollout_B",
                                      "rollout_size_B")}
-    ref = jax.jit(functools.partial(_logprobs, model_cfg, temperature=cfg.logprob_temperature), in_shardings=(p_shard, rows, rows), out_shardings=rows)
+    ref = jax.jit(functools.partial(_logprobs, model_cfg, temperature=cfg.logprob_temperature),
+                  in_shardings=(p_shard, rows, rows), out_shardings=rows)
     grads = jax.jit(jax.value_and_grad(functools.partial(_loss, model_cfg=model_cfg, cfg=cfg), has_aux=True),
                     in_shardings=(p_shard, batch_shard, rows, scalar),
                     out_shardings=((scalar, scalar), p_shard))
@@ -222,8 +223,8 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
 
     if cfg.temperature != 1.0 and not cfg.tempered_logprobs:
         log.warning("rollouts are sampled at temperature %g but the objective trains the model at temperature 1 "
-                    "(off-policy; at 0.5 this removed spawning within 30 steps): rl.tempered_logprobs=true trains the "
-                    "policy that samples (docs/rl.md)", cfg.temperature)
+                    "(off-policy for the objective): rl.tempered_logprobs=true trains the policy that samples "
+                    "(docs/rl.md)", cfg.temperature)
     init_record = read_run_config(init_dir)
     method = init_record["method"]
     model_cfg, init_params, tok = load_run_model(init_dir)
@@ -291,12 +292,12 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
                 (out / "rollouts").mkdir(exist_ok=True)
                 datasets.atomic_write_text(out / "rollouts" / f"step_{step + 1:05d}.jsonl", "".join(
                     datasets.dumps(r) + "\n" for r in rollout_log(records, rewards, adv, keep)))
-            seqs = rollout_sequences(kept, adv[keep].tolist(), 
-                                     drop_roles=() if cfg.train_children else ("child",))
+            seqs = rollout_sequences(kept, adv[keep].tolist(), drop_roles=() if cfg.train_children else ("child",))
             batches = micro_batches(seqs, loop.micro_batch, context, pad) if seqs else []
             sharded = [sh.shard_batch(b, mesh) for b in batches]
             # the loss's divisor: rollouts (the paper's aggregation) or loss tokens (token-level)
-            divisor = jnp.float32(len(kept) if cfg.aggregation == "tree" else sum(int(s.loss_mask.sum()) for s in seqs))
+            divisor = jnp.float32(len(kept) if cfg.aggregation == "tree"
+                                  else sum(int(s.loss_mask.sum()) for s in seqs))
             refs = [ref_fn(ref_params, b["inputs_BT"], b["targets_BT"]) for b in sharded]
             t1 = time.perf_counter()
             total, aux, grad_norm = 0.0, [], 0.0
