@@ -295,9 +295,9 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
             seqs = rollout_sequences(kept, adv[keep].tolist(), drop_roles=() if cfg.train_children else ("child",))
             batches = micro_batches(seqs, loop.micro_batch, context, pad) if seqs else []
             sharded = [sh.shard_batch(b, mesh) for b in batches]
+            loss_tokens = sum(int(b["mask_BT"].sum()) for b in batches)
             # the loss's divisor: rollouts (the paper's aggregation) or loss tokens (token-level)
-            divisor = jnp.float32(len(kept) if cfg.aggregation == "tree"
-                                  else sum(int(s.loss_mask.sum()) for s in seqs))
+            divisor = jnp.float32(len(kept) if cfg.aggregation == "tree" else loss_tokens)
             refs = [ref_fn(ref_params, b["inputs_BT"], b["targets_BT"]) for b in sharded]
             t1 = time.perf_counter()
             total, aux, grad_norm = 0.0, [], 0.0
@@ -311,7 +311,7 @@ def train(init_dir: str | Path, out_dir: str | Path, cfg: GRPOConfig, loop: Loop
                 params, opt_state, grad_norm = apply_fn(params, opt_state, grads)
             jax.block_until_ready(params)
             t_update = time.perf_counter() - t1
-            trained_tokens = sum(int(b["mask_BT"].sum()) for b in batches) * cfg.inner_updates
+            trained_tokens = loss_tokens * cfg.inner_updates
             generated = sum(t["tokens"] for r in records for t in r["threads"])
             values = {
                 "loss": float(total), "reward": float(rewards.mean()),
