@@ -78,6 +78,8 @@ def test_config_validation_messages():
         SFTConfig(pad_policy="sorted")
     with pytest.raises(ValueError, match="mesh"):
         SFTConfig(mesh=(-1, -1))
+    with pytest.raises(ValueError, match="mask_continuation_prompts must be a bool"):
+        SFTConfig(mask_continuation_prompts="yes")
     assert SFTConfig.from_dict(SFTConfig().to_dict()) == SFTConfig()
     assert SFTConfig(steps=None, epochs=2.0, batch_size=4).resolve_steps(10) == 5
 
@@ -105,6 +107,50 @@ def test_bucketing_and_truncation(data_dir):
     np.testing.assert_array_equal(batch["loss_mask"][0], [1, 1, 1, 1, 0, 0, 0, 0])
     np.testing.assert_array_equal(batch["tokens"][1], np.arange(1, 9))
     assert "truncated" in data_lib.truncation_report(np.array([3, 9]), 8)
+
+
+def test_continuation_prompt_mask_leaves_out_exactly_the_prompt_the_runtime_writes(golden_apr, tmp_path):
+    """A parent continuation's loss starts at the first token the parent writes after the join block; the
+    prompt is rebuilt with the runtime's own function, and other sequences (and packed neighbours) keep
+    every token."""
+    from apr_jax.countdown import traces
+    from apr_jax.data.tokenizer import build_tokenizer, save_tokenizer
+
+    tok = build_tokenizer("digits")
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    end_id = sft.continuation_prompt_end_id(tmp_path)
+    assert tok.id_to_token(end_id) == traces.JOIN_CLOSE
+    td = next(r["trace_dict"] for r in golden_apr if len(r["trace_dict"]["main_calls"]) > 1)
+    first, cont = td["main_calls"][:2]
+    returns = [traces.child_return(child["main_calls"][-1]) for child in td["sub_calls"][0]]
+    prompt = traces.parent_continuation(first, returns)
+    assert cont.startswith(prompt) and len(cont) > len(prompt)
+
+    def ids(text):  # BOS + text + EOS, as the data arrays hold a call
+        return np.array(tok.encode(text).ids + [2], np.int32)
+
+    n_prompt = len(tok.encode(prompt).ids)  # BOS included
+    a, b = ids(first), ids(cont)
+    length = len(a) + len(b)
+    # One row holding both calls packed (segments 1 and 2), one row with the continuation alone.
+    tokens = np.zeros((2, length + 3), np.int32)
+    seg = np.zeros_like(tokens)
+    tokens[0, :length], seg[0, :len(a)], seg[0, len(a):length] = np.concatenate([a, b]), 1, 2
+    tokens[1, :len(b)], seg[1, :len(b)] = b, 1
+    mask = data_lib.continuation_prompt_mask(tokens, seg, end_id)
+    assert mask[0, :len(a)].all()  # the first call (it ends at its spawn block) keeps every token
+    assert not mask[0, len(a):len(a) + n_prompt].any() and mask[0, len(a) + n_prompt:length].all()
+    assert not mask[1, :n_prompt].any() and mask[1, n_prompt:len(b)].all()
+    assert not mask[:, length:].any() and not mask[1, len(b):].any()  # padding
+    assert tok.decode(b[n_prompt:-1].tolist()) == cont[len(prompt):]
+    # The batch functions apply it when given the id, and only then.
+    pad = data_lib.PadBatch(4096, PAD, "bucket", 128)
+    np.testing.assert_array_equal(pad([b])["loss_mask"][0, :len(b)], np.ones(len(b), bool))
+    masked = dataclasses.replace(pad, prompt_end_id=end_id)([b, a])["loss_mask"]
+    np.testing.assert_array_equal(masked[0, :len(b)], mask[1, :len(b)])
+    assert masked[1, :len(a)].all() and not masked[1, len(a):].any()
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        sft.continuation_prompt_end_id(tmp_path / "elsewhere")
 
 
 def test_iterator_state_resumes_same_batches(data_dir):

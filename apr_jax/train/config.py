@@ -81,6 +81,12 @@ class SFTConfig:
         (:mod:`apr_jax.data.facts`, every ``a op b = c`` with operands up to ``arith_max_operand``, written
         as the solvers write operations) appended to the training set; 0 (the default, and the paper's
         recipe) adds none.
+      mask_continuation_prompts: False (the paper's recipe): every non-pad token of every call has loss.
+        True: a parent continuation's prompt (its pre-spawn text and the join block with the children's
+        results, through the newline after ``<End Sub Searches>``) has none, as in the RL objective and at
+        inference, where the runtime writes it. Trained on it, the model learns that the pre-spawn text is
+        followed by ``<Sub Searches>`` about as often as by a spawn block (docs/rl.md, the spawn-point
+        probe). Needs the data set's ``tokenizer.json``; no effect on SoS+ data.
     """
 
     batch_size: int = 256
@@ -115,6 +121,7 @@ class SFTConfig:
     prefetch_batches: int = 2
     arith_facts: float = 0.0
     arith_max_operand: int = 99
+    mask_continuation_prompts: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "seq_len", "log_every", "keep_checkpoints",
@@ -163,8 +170,9 @@ class SFTConfig:
             raise ValueError(f"SFTConfig.seq_len must be >= 2 (a next-token target), got {self.seq_len}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"SFTConfig.dtype must be None or one of {DTYPES}, got {self.dtype!r}")
-        if not isinstance(self.packing, bool):
-            raise ValueError(f"SFTConfig.packing must be a bool, got {self.packing!r}")
+        for name in ("packing", "mask_continuation_prompts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SFTConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.packing and self.group_by_length:
             raise ValueError("SFTConfig: group_by_length and packing are exclusive (packed rows are full)")
         mesh = tuple(self.mesh)

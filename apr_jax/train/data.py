@@ -5,7 +5,10 @@ A batch is a dict of numpy arrays, all ``[rows, T]``:
 * ``tokens`` (int32): token ids, right-padded with ``pad_id``;
 * ``positions`` (int32): position of each token in its sequence (restarting per packed segment);
 * ``segment_ids`` (int32): 1, 2, ... for the sequences of a row, 0 on padding;
-* ``loss_mask`` (bool): ``segment_ids > 0``, i.e. every non-pad token, prompt included.
+* ``loss_mask`` (bool): ``segment_ids > 0``, i.e. every non-pad token, prompt included (the paper's recipe);
+  with a ``prompt_end_id`` (``SFTConfig.mask_continuation_prompts``) a parent continuation's prompt, its
+  pre-spawn text and join block through the newline after ``<End Sub Searches>``, is left out
+  (:func:`continuation_prompt_mask`).
 
 ``T`` is the longest row of the batch rounded up to the padding bucket (``SFTConfig.pad_policy``), capped
 at ``seq_len``, so the train step only ever sees a small fixed set of shapes. Sequences longer than
@@ -33,6 +36,29 @@ from apr_jax.train.config import SFTConfig
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
+
+
+def continuation_prompt_mask(tokens: np.ndarray, segment_ids: np.ndarray, end_id: int) -> np.ndarray:
+    """Loss mask ``[rows, T]`` that leaves out every token of a sequence up to and including the token after
+    its last ``end_id`` (``<End Sub Searches>``, then the newline that closes the join block).
+
+    That prefix is the prompt of a parent continuation (``traces.parent_continuation``: the pre-spawn text,
+    then the children's results), which the runtime writes and the RL objective masks. Trained on it, a
+    model learns that the pre-spawn text is followed by ``<Sub Searches>`` as often as by a spawn block
+    (each spawn's first call and its continuation share that text). Sequences without ``end_id`` (SoS+
+    traces, children, first parent calls) keep every non-pad token; packed segments are handled one by one.
+    """
+    loss = segment_ids > 0
+    for row, col in zip(*np.nonzero((tokens == end_id) & loss)):
+        upto = min(int(col) + 2, tokens.shape[1])
+        loss[row, :upto] &= segment_ids[row, :upto] != segment_ids[row, col]
+    return loss
+
+
+def _loss_mask(tokens: np.ndarray, segment_ids: np.ndarray, prompt_end_id: int | None) -> np.ndarray:
+    if prompt_end_id is None:
+        return segment_ids > 0
+    return continuation_prompt_mask(tokens, segment_ids, prompt_end_id)
 
 
 def bucket_length(max_len: int, seq_len: int, policy: str, bucket_size: int) -> int:
@@ -70,7 +96,7 @@ class PadBatch:
     """``batch_fn`` for grain: a list of 1-D token arrays -> a padded batch dict.
 
     ``rows`` (when set) pads the batch with empty rows up to that many rows (for the last, short
-    validation batch), so the row count is fixed too.
+    validation batch), so the row count is fixed too. ``prompt_end_id``: see :func:`continuation_prompt_mask`.
     """
 
     seq_len: int
@@ -78,6 +104,7 @@ class PadBatch:
     policy: str
     bucket_size: int
     rows: int | None = None
+    prompt_end_id: int | None = None
 
     def __call__(self, seqs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         n_rows = self.rows or len(seqs)
@@ -91,7 +118,7 @@ class PadBatch:
         positions = np.broadcast_to(np.arange(length, dtype=np.int32), (n_rows, length)).copy()
         positions *= segment_ids
         return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids,
-                "loss_mask": segment_ids > 0}
+                "loss_mask": _loss_mask(tokens, segment_ids, self.prompt_end_id)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +129,7 @@ class TrimPacked:
     pad_id: int
     policy: str
     bucket_size: int
+    prompt_end_id: int | None = None
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, np.ndarray]:
         tokens = np.stack([r["tokens"] for r in rows]).astype(np.int32)
@@ -113,7 +141,7 @@ class TrimPacked:
         tokens = np.where(segment_ids > 0, tokens, self.pad_id).astype(np.int32)
         positions = positions * (segment_ids > 0)
         return {"tokens": tokens, "positions": positions.astype(np.int32), "segment_ids": segment_ids,
-                "loss_mask": segment_ids > 0}
+                "loss_mask": _loss_mask(tokens, segment_ids, self.prompt_end_id)}
 
 
 def _as_packable(tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -129,11 +157,11 @@ class LengthGroupedBatch:
     The state of the iterator is therefore just the batch index.
     """
 
-    def __init__(self, source, cfg: SFTConfig, pad_id: int, seed: int):
+    def __init__(self, source, cfg: SFTConfig, pad_id: int, seed: int, prompt_end_id: int | None = None):
         self.source, self.window, self.rows, self.seed = source, cfg.group_by_length, cfg.batch_size, seed
         self.lengths = np.minimum(np.asarray(source.lengths), cfg.seq_len)
         self.order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
-        self.pad = PadBatch(cfg.seq_len, pad_id, cfg.pad_policy, cfg.bucket_size)
+        self.pad = PadBatch(cfg.seq_len, pad_id, cfg.pad_policy, cfg.bucket_size, prompt_end_id=prompt_end_id)
         self.truncate = Truncate(cfg.seq_len)
         self._cached: tuple[int, np.ndarray] | None = None
 
@@ -151,8 +179,10 @@ class LengthGroupedBatch:
         return self.pad([self.truncate(self.source[i]) for i in self._window(w)[r]])
 
 
-def train_dataset(source, cfg: SFTConfig, pad_id: int, seed: int | None = None) -> grain.IterDataset:
-    """The infinite, shuffled training stream of batches of ``cfg.batch_size`` rows."""
+def train_dataset(source, cfg: SFTConfig, pad_id: int, seed: int | None = None,
+                  prompt_end_id: int | None = None) -> grain.IterDataset:
+    """The infinite, shuffled training stream of batches of ``cfg.batch_size`` rows (``prompt_end_id``: see
+    :func:`continuation_prompt_mask`)."""
     if len(source) == 0:
         raise ValueError("the training set is empty")
     seed = cfg.seed if seed is None else seed
@@ -160,12 +190,13 @@ def train_dataset(source, cfg: SFTConfig, pad_id: int, seed: int | None = None) 
     if cfg.group_by_length:
         # Batch indices 0, 1, 2, ... (an unbounded range) mapped to their length-grouped batch; one reader
         # thread, as LengthGroupedBatch caches its current window.
-        batches = grain.MapDataset.range(sys.maxsize).map(LengthGroupedBatch(source, cfg, pad_id, seed))
+        batches = grain.MapDataset.range(sys.maxsize).map(LengthGroupedBatch(source, cfg, pad_id, seed,
+                                                                             prompt_end_id))
         return batches.to_iter_dataset(dataclasses.replace(read, num_threads=1))
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
     ds = ds.map(Truncate(cfg.seq_len))
     if not cfg.packing:
-        pad = PadBatch(cfg.seq_len, pad_id, cfg.pad_policy, cfg.bucket_size)
+        pad = PadBatch(cfg.seq_len, pad_id, cfg.pad_policy, cfg.bucket_size, prompt_end_id=prompt_end_id)
         return ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=pad).to_iter_dataset(read)
     # Packing reads sequences one by one, so prefetch them individually, then the packed batches.
     per_seq = grain.ReadOptions(num_threads=cfg.data_threads,
@@ -179,14 +210,15 @@ def train_dataset(source, cfg: SFTConfig, pad_id: int, seed: int | None = None) 
         shuffle_bins=True,
         padding_struct={"tokens": pad_id},
     )
-    trim = TrimPacked(cfg.seq_len, pad_id, cfg.pad_policy, cfg.bucket_size)
+    trim = TrimPacked(cfg.seq_len, pad_id, cfg.pad_policy, cfg.bucket_size, prompt_end_id)
     batched = packed.batch(cfg.batch_size, drop_remainder=True, batch_fn=trim)
     return grain.experimental.ThreadPrefetchIterDataset(batched, prefetch_buffer_size=cfg.prefetch_batches)
 
 
-def train_iterator(source, cfg: SFTConfig, pad_id: int, state: dict | None = None):
+def train_iterator(source, cfg: SFTConfig, pad_id: int, state: dict | None = None,
+                   prompt_end_id: int | None = None):
     """A checkpointable iterator over training batches, optionally restored from ``state``."""
-    iterator = iter(train_dataset(source, cfg, pad_id))
+    iterator = iter(train_dataset(source, cfg, pad_id, prompt_end_id=prompt_end_id))
     if state is not None:
         try:
             iterator.set_state(state)
@@ -199,8 +231,8 @@ def train_iterator(source, cfg: SFTConfig, pad_id: int, state: dict | None = Non
     return iterator
 
 
-def eval_batches(source, cfg: SFTConfig, pad_id: int, max_batches: int | None = None
-                 ) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(source, cfg: SFTConfig, pad_id: int, max_batches: int | None = None,
+                 prompt_end_id: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """One pass over (the first ``max_batches * rows`` sequences of) a validation source.
 
     The selected sequences are batched in order of length (the mean loss does not depend on the order),
@@ -214,7 +246,7 @@ def eval_batches(source, cfg: SFTConfig, pad_id: int, max_batches: int | None = 
         lengths = [len(source[i]) for i in range(count)]
     lengths = np.asarray(lengths)[:count]
     order = np.argsort(lengths, kind="stable")
-    pad = PadBatch(cfg.seq_len, pad_id, cfg.pad_policy, cfg.bucket_size, rows=rows)
+    pad = PadBatch(cfg.seq_len, pad_id, cfg.pad_policy, cfg.bucket_size, rows=rows, prompt_end_id=prompt_end_id)
     ds = grain.MapDataset.source(source).map(Truncate(cfg.seq_len))
     for start in range(0, count, rows):
         yield pad([ds[int(i)] for i in order[start:start + rows]])
@@ -232,7 +264,7 @@ def truncation_report(lengths: np.ndarray, seq_len: int) -> str | None:
 
 def padding_efficiency(batch: dict[str, np.ndarray]) -> float:
     """Fraction of the batch's positions that hold real tokens."""
-    return float(batch["loss_mask"].mean())
+    return float((batch["segment_ids"] > 0).mean())
 
 
 def with_fact_sheets(train_src, data_dir: str | Path, cfg: SFTConfig):

@@ -211,14 +211,31 @@ def init_state(fns: Compiled, key: jax.Array) -> TrainState:
     return TrainState(step=step, params=params, opt_state=opt_state, nonfinite=nonfinite)
 
 
-def evaluate(fns: Compiled, params: Any, source, cfg: SFTConfig, pad_id: int, mesh: Mesh) -> dict:
-    """Token-weighted mean loss over (up to ``cfg.eval_batches`` batches of) a validation source."""
+def evaluate(fns: Compiled, params: Any, source, cfg: SFTConfig, pad_id: int, mesh: Mesh,
+             prompt_end_id: int | None = None) -> dict:
+    """Token-weighted mean loss over (up to ``cfg.eval_batches`` batches of) a validation source (its loss
+    tokens chosen as in training: ``prompt_end_id``, see :func:`apr_jax.train.data.continuation_prompt_mask`)."""
     total, count = jnp.zeros(()), jnp.zeros(())
-    for batch in data_lib.eval_batches(source, cfg, pad_id, cfg.eval_batches):
+    for batch in data_lib.eval_batches(source, cfg, pad_id, cfg.eval_batches, prompt_end_id):
         loss_sum, n = fns.eval(params, sh.shard_batch(batch, mesh))
         total, count = total + loss_sum, count + n
     total, count = float(total), float(count)
     return {"loss": total / max(count, 1.0), "tokens": count}
+
+
+def continuation_prompt_end_id(data_dir: str | Path) -> int:
+    """Token id of ``<End Sub Searches>`` in the data set's tokenizer (``SFTConfig.mask_continuation_prompts``)."""
+    from apr_jax.countdown.traces import JOIN_CLOSE
+    from apr_jax.data.tokenizer import load_tokenizer
+
+    path = Path(data_dir) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"mask_continuation_prompts needs the data set's tokenizer at {path.absolute()}")
+    end_id = load_tokenizer(path).token_to_id(JOIN_CLOSE)
+    if end_id is None:
+        raise ValueError(f"the tokenizer at {path.absolute()} has no {JOIN_CLOSE!r} token: "
+                         "mask_continuation_prompts needs it")
+    return int(end_id)
 
 
 # --------------------------------------------------------------------------------------- the run loop
@@ -398,7 +415,8 @@ def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, meth
     if primary:
         truncate_metrics(run_dir, step)
 
-    iterator = data_lib.train_iterator(train_src, sft_cfg, meta["pad_id"], record.get("data"))
+    prompt_end_id = continuation_prompt_end_id(data_dir) if sft_cfg.mask_continuation_prompts else None
+    iterator = data_lib.train_iterator(train_src, sft_cfg, meta["pad_id"], record.get("data"), prompt_end_id)
     writer = MetricsWriter(run_dir) if primary else _NullWriter()
     bar = tqdm(total=total, initial=step, desc=f"sft[{method}]", unit="step", dynamic_ncols=True,
                disable=not primary)
@@ -417,7 +435,7 @@ def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, meth
 
     def validate() -> None:
         nonlocal last_val, last_val_step
-        result = evaluate(fns, state.params, val_src, sft_cfg, meta["pad_id"], mesh)
+        result = evaluate(fns, state.params, val_src, sft_cfg, meta["pad_id"], mesh, prompt_end_id)
         writer.write(step, "val", result)
         last_val, last_val_step = result["loss"], step
         bar.write(f"step {step}: val loss {result['loss']:.4f}")
@@ -430,7 +448,7 @@ def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, meth
                     shapes_seen.add(batch["tokens"].shape)
                     log.info("step %d: first batch of shape %s (the train step compiles for it)",
                              step + 1, batch["tokens"].shape)
-                real = int(batch["loss_mask"].sum())
+                real = int((batch["segment_ids"] > 0).sum())
                 state, metrics = fns.step(state, sh.shard_batch(batch, mesh))
                 step += 1
                 tokens_seen += real
