@@ -77,6 +77,12 @@ def sc_curves(results: Sequence[dict]) -> list[dict]:
     return rows
 
 
+def _run_train_config(run_dir: Path) -> dict:
+    """The ``train`` section of a training run's ``config.json`` (empty when there is none)."""
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text()).get("train", {}) if path.exists() else {}
+
+
 def run_seconds(run_dir: Path) -> float:
     """Wall time a training run spent in its steps, from its metrics (also when it ran outside the demo)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -310,6 +316,8 @@ def write_report(demo) -> Path:
             train = "n/a" if s.get("train_loss") is None else f"{s['train_loss']:.3f}"
             val = "n/a" if s.get("val_loss") is None else f"{s['val_loss']:.3f}"
             start = " from the SoS+ model" if m == "apr" and plan.apr_from_sosp else ""
+            if _run_train_config(demo.sft_dir(m)).get("mask_continuation_prompts"):
+                start += " (no loss on continuation prompts)"
             lines.append(f"- SFT {label}{start}: {s['final_step']} steps of {plan.sft_size(m)[1]}, "
                          f"{s['tokens_seen']:,} tokens, train loss {train}, validation loss {val}, "
                          f"{walls[f'sft_{m}'] / 60:.0f} min")

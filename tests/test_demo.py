@@ -11,7 +11,8 @@ PLAN = demo.Plan("test", None, None, sft_steps=3, sft_batch=8, sft_seq_len=None,
                  max_total_tokens=512, sweep_contexts=(64,),
                  sweep_problems=2, sc_samples=2, sc_problems=2, rl_steps=1, rl_problems_per_step=2, rl_group_size=2,
                  slots=8, apr_sft_steps=2, apr_from_sosp=True, apr_lr=(1e-4, 1e-3, 1e-5, 1), sub_call_budget=2,
-                 apr_aids=("spawn",), rl_temperature=0.5, sweep_sub_call_budgets=(1,))
+                 apr_aids=("spawn",), rl_temperature=0.5, sweep_sub_call_budgets=(1,),
+                 apr_mask_continuation_prompts=True)
 
 
 def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
@@ -23,6 +24,9 @@ def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     for heading in ("## 1. Accuracy (128 tokens per thread)", "## 2. Same context", "## 3. Compute scaling", "## 4. Sequential", "## 5. Effect of RL"):
         assert heading in text
     assert "not run" not in text
+    masked = {m: json.loads((out / f"sft_{m}" / "config.json").read_text())["train"]["mask_continuation_prompts"]
+              for m in ("sosp", "apr")}
+    assert masked == {"sosp": False, "apr": True} and "(no loss on continuation prompts)" in text
     assert "## What the SFT models learned (teacher-forced)" in text
     probed = json.loads((out / "stages" / "probe_sft.json").read_text())["summary"]
     for method in ("sosp", "apr"):
