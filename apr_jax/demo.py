@@ -110,8 +110,9 @@ class Plan:
 # fitting, and APR runs there with 2 children as well as 4), and a short GRPO run at temperature 0.5 (at 1.0
 # the SFT model solves nothing to learn from) that trains on the groups whose rewards differ only; after it,
 # the plain and spawn-aid rows. The APR SFT leaves the continuation calls' prompts out of the loss (the paper's
-# recipe keeps them): on one host 30.5% vs 21.5% plain, p = 0.01 (docs/experiments.md). End to end about 97
-# minutes on a fast day, about 116 on a slow one.
+# recipe keeps them), which removes the self-written join marker; on one host 30.5% and 31.0% plain over two
+# data orders against 21.5% and 31.0% (docs/experiments.md). End to end about 97 minutes on a fast day, about
+# 116 on a slow one.
 FULL = Plan("full", None, None, sft_steps=2600, sft_batch=8, sft_seq_len=None, eval_problems=200, eval_context=1024,
             max_total_tokens=8192, sweep_contexts=(256, 320, 384, 512), sweep_problems=100, sc_samples=8,
             sc_problems=100, sweep_sub_call_budgets=(2,),
