@@ -16,6 +16,7 @@ from apr_jax import compare
 from apr_jax.data import datasets
 from apr_jax.demo import sweep_name
 from apr_jax.inference.runtime import assembly, charged_tokens, departures, majority_vote
+from apr_jax.train.checkpoint import read_run_config
 
 #: The paper's headline figures (Pan et al. 2025, Sec. 5).
 PAPER = {
@@ -75,12 +76,6 @@ def sc_curves(results: Sequence[dict]) -> list[dict]:
         k = len(results)
         rows.append({"n": n, "pass_at_n": passed / k, "cons_at_n": consensus / k, "mean_total_tokens": tokens / k})
     return rows
-
-
-def _run_train_config(run_dir: Path) -> dict:
-    """The ``train`` section of a training run's ``config.json`` (empty when there is none)."""
-    path = Path(run_dir) / "config.json"
-    return json.loads(path.read_text()).get("train", {}) if path.exists() else {}
 
 
 def run_seconds(run_dir: Path) -> float:
@@ -316,7 +311,7 @@ def write_report(demo) -> Path:
             train = "n/a" if s.get("train_loss") is None else f"{s['train_loss']:.3f}"
             val = "n/a" if s.get("val_loss") is None else f"{s['val_loss']:.3f}"
             start = " from the SoS+ model" if m == "apr" and plan.apr_from_sosp else ""
-            if _run_train_config(demo.sft_dir(m)).get("mask_continuation_prompts"):
+            if read_run_config(demo.sft_dir(m)).get("train", {}).get("mask_continuation_prompts"):
                 start += " (no loss on continuation prompts)"
             lines.append(f"- SFT {label}{start}: {s['final_step']} steps of {plan.sft_size(m)[1]}, "
                          f"{s['tokens_seen']:,} tokens, train loss {train}, validation loss {val}, "

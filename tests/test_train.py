@@ -118,7 +118,7 @@ def test_continuation_prompt_mask_leaves_out_exactly_the_prompt_the_runtime_writ
 
     tok = build_tokenizer("digits")
     save_tokenizer(tok, tmp_path / "tokenizer.json")
-    end_id = sft.continuation_prompt_end_id(tmp_path)
+    end_id = data_lib.continuation_prompt_end_id(tmp_path)
     assert tok.id_to_token(end_id) == traces.JOIN_CLOSE
     td = next(r["trace_dict"] for r in golden_apr if len(r["trace_dict"]["main_calls"]) > 1)
     first, cont = td["main_calls"][:2]
@@ -150,7 +150,7 @@ def test_continuation_prompt_mask_leaves_out_exactly_the_prompt_the_runtime_writ
     np.testing.assert_array_equal(masked[0, :len(b)], mask[1, :len(b)])
     assert masked[1, :len(a)].all() and not masked[1, len(a):].any()
     with pytest.raises(FileNotFoundError, match="tokenizer"):
-        sft.continuation_prompt_end_id(tmp_path / "elsewhere")
+        data_lib.continuation_prompt_end_id(tmp_path / "elsewhere")
 
 
 def test_iterator_state_resumes_same_batches(data_dir):

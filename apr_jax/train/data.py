@@ -272,11 +272,8 @@ def with_fact_sheets(train_src, data_dir: str | Path, cfg: SFTConfig):
     from apr_jax.data import facts
     from apr_jax.data import tokenizer as tokenization
 
-    tok_path = Path(data_dir) / "tokenizer.json"
-    if not tok_path.exists():
-        raise FileNotFoundError(f"arith_facts needs the data set's tokenizer at {tok_path.absolute()}")
     # The tokenizer.json model itself (the fast encoder equals it only on our own vocabularies).
-    tok = tokenization.load_tokenizer(tok_path)
+    tok = data_tokenizer(data_dir, "arith_facts")
     encoder = tokenization.HFEncoder(tok)
     base = int(np.minimum(train_src.lengths, cfg.seq_len).sum())
     sheets = facts.FactSheets.for_fraction(cfg.arith_facts, base, encoder, bos_id=train_src.meta["bos_id"],
@@ -285,6 +282,27 @@ def with_fact_sheets(train_src, data_dir: str | Path, cfg: SFTConfig):
     log.info("arith_facts=%.2f: %d fact sheets (%d facts each, %.2fM tokens) appended to %d sequences",
              cfg.arith_facts, len(sheets), sheets.facts_per_sheet, sheets.num_tokens / 1e6, len(train_src))
     return facts.ConcatSource(train_src, sheets)
+
+
+def data_tokenizer(data_dir: str | Path, needed_by: str):
+    """The ``tokenizer.json`` of a data set (a clear error naming ``needed_by`` when it has none)."""
+    from apr_jax.data import tokenizer as tokenization
+
+    path = Path(data_dir) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{needed_by} needs the data set's tokenizer at {path.absolute()}")
+    return tokenization.load_tokenizer(path)
+
+
+def continuation_prompt_end_id(data_dir: str | Path) -> int:
+    """Token id of ``<End Sub Searches>`` in the data set's tokenizer (``SFTConfig.mask_continuation_prompts``)."""
+    from apr_jax.countdown.traces import JOIN_CLOSE
+
+    end_id = data_tokenizer(data_dir, "mask_continuation_prompts").token_to_id(JOIN_CLOSE)
+    if end_id is None:
+        raise ValueError(f"the tokenizer of {Path(data_dir).absolute()} has no {JOIN_CLOSE!r} token: "
+                         "mask_continuation_prompts needs it")
+    return int(end_id)
 
 
 def open_sources(data_dir: str | Path, method: str):

@@ -223,21 +223,6 @@ def evaluate(fns: Compiled, params: Any, source, cfg: SFTConfig, pad_id: int, me
     return {"loss": total / max(count, 1.0), "tokens": count}
 
 
-def continuation_prompt_end_id(data_dir: str | Path) -> int:
-    """Token id of ``<End Sub Searches>`` in the data set's tokenizer (``SFTConfig.mask_continuation_prompts``)."""
-    from apr_jax.countdown.traces import JOIN_CLOSE
-    from apr_jax.data.tokenizer import load_tokenizer
-
-    path = Path(data_dir) / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"mask_continuation_prompts needs the data set's tokenizer at {path.absolute()}")
-    end_id = load_tokenizer(path).token_to_id(JOIN_CLOSE)
-    if end_id is None:
-        raise ValueError(f"the tokenizer at {path.absolute()} has no {JOIN_CLOSE!r} token: "
-                         "mask_continuation_prompts needs it")
-    return int(end_id)
-
-
 # --------------------------------------------------------------------------------------- the run loop
 class _StopOnSignal:
     """Turns SIGTERM / SIGINT into a flag checked between steps (a second SIGINT interrupts at once)."""
@@ -415,7 +400,7 @@ def train(model_cfg: LlamaConfig, sft_cfg: SFTConfig, data_dir: str | Path, meth
     if primary:
         truncate_metrics(run_dir, step)
 
-    prompt_end_id = continuation_prompt_end_id(data_dir) if sft_cfg.mask_continuation_prompts else None
+    prompt_end_id = data_lib.continuation_prompt_end_id(data_dir) if sft_cfg.mask_continuation_prompts else None
     iterator = data_lib.train_iterator(train_src, sft_cfg, meta["pad_id"], record.get("data"), prompt_end_id)
     writer = MetricsWriter(run_dir) if primary else _NullWriter()
     bar = tqdm(total=total, initial=step, desc=f"sft[{method}]", unit="step", dynamic_ncols=True,
