@@ -103,26 +103,27 @@ class Plan:
 
 
 # Sized on a 2-core CPU for the 3-number task (``--preset mini3``, docs/experiments.md): one SoS+ run of the
-# token count that reached 31.5% there in three warm restarts (about 6.5M tokens; 30.5% in every full demo),
-# the APR model warm-started from it on child-count-prefixed data (900 steps of 24: 30-40 minutes; 600 steps
-# left a model that spawns in 40 of 200 problems and solves 0.5%), evaluations on 200 problems at 1,024 tokens
-# per thread (100 for the sweep and self-consistency; the sweep's 320 and 384 are where a SoS+ trace stops
-# fitting, and APR runs there with 2 children as well as 4), and a short GRPO run at temperature 0.5 (at 1.0
-# the SFT model solves nothing to learn from) that trains on the groups whose rewards differ only; after it,
-# the plain and spawn-aid rows. The APR SFT leaves the continuation calls' prompts out of the loss (the paper's
-# recipe keeps them), which removes the self-written join marker; on one host 30.5% and 31.0% plain over two
-# data orders against 21.5% and 31.0% (docs/experiments.md). End to end about 97 minutes on a fast day, about
-# 116 on a slow one.
+# token count that reached 31.5% there in three warm restarts (about 6.5M tokens; 30.5% in every full demo), the
+# APR model warm-started from it on child-count-prefixed data (900 steps of 24: 30-40 minutes; 600 steps left a
+# model that spawns in 40 of 200 problems and solves 0.5%), evaluations on 200 problems at 1,024 tokens per
+# thread (100 for the sweep and self-consistency; the sweep's 320 and 384 are where a SoS+ trace stops fitting,
+# and APR runs there with 2 children as well as 4), and GRPO at temperature 0.5 (at 1.0 the SFT model solves
+# nothing to learn from) that trains on the groups whose rewards differ only, 15 steps of 16 problems (3 steps
+# changed nothing measurable; 15 raised the masked model 30.5% -> 36.0% on one host, about 11 minutes there);
+# after it, the plain and spawn-aid rows. The APR SFT leaves the continuation calls' prompts out of the loss
+# (the paper's recipe keeps them), which removes the self-written join marker; on one host 30.5% and 31.0% plain
+# over two data orders against 21.5% and 31.0% (docs/experiments.md). End to end (with 3 GRPO steps) about 97
+# minutes on a fast day, about 116 on a slow one; 15 steps add about 10.
 FULL = Plan("full", None, None, sft_steps=2600, sft_batch=8, sft_seq_len=None, eval_problems=200, eval_context=1024,
             max_total_tokens=8192, sweep_contexts=(256, 320, 384, 512), sweep_problems=100, sc_samples=8,
             sc_problems=100, sweep_sub_call_budgets=(2,),
-            rl_steps=3, rl_problems_per_step=16, rl_group_size=5, slots=32,
+            rl_steps=15, rl_problems_per_step=16, rl_group_size=5, slots=32,
             apr_sft_steps=900, apr_sft_batch=24, apr_from_sosp=True, apr_lr=(3e-5, 3e-4, 1e-5, 25),
             apr_mask_continuation_prompts=True,
             sub_call_budget=4, apr_aids=("spawn",), rl_temperature=0.5, rl_skip_uniform_groups=True,
             rl_aided_eval=False,
             estimates_s=(("data", 40), ("sft", 3400), ("sft_apr", 2000), ("probe", 30), ("eval", 120), ("sweep", 60),
-                         ("sc", 180), ("rl", 400), ("report", 10)))
+                         ("sc", 180), ("rl", 900), ("report", 10)))
 QUICK = Plan("quick", 2_000, 100, sft_steps=24, sft_batch=4, sft_seq_len=1024, eval_problems=8, eval_context=512,
              max_total_tokens=2048, sweep_contexts=(256,), sweep_problems=8, sc_samples=2, sc_problems=4, rl_steps=1,
              rl_problems_per_step=2, rl_group_size=2, slots=16,
