@@ -50,6 +50,29 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_problems(args) -> int:
+    from apr_jax.countdown.problems import heldout_problems, split_keys
+    from apr_jax.data.config import DataConfig
+    from apr_jax.data.datasets import atomic_write_text, dumps, read_jsonl
+
+    data = Path(args.data)
+    if not (data / "config.json").exists():
+        raise ValueError(f"{data} holds no config.json: pass a folder written by `apr-jax data`")
+    cfg = DataConfig(**json.loads((data / "config.json").read_text()))
+    if args.split in ("train", "val"):
+        raise ValueError(f"--split {args.split!r} is one of the dataset's own splits: name a new one, e.g. test")
+    taken: set = set()
+    for path in sorted(data.glob("problems_*.jsonl")):
+        taken |= split_keys(read_jsonl(path))
+    seed = cfg.seed if args.seed is None else args.seed
+    problems = heldout_problems(cfg.problem_spec(), seed, args.split, args.n, taken)
+    atomic_write_text(Path(args.out), "".join(dumps(p) + "\n" for p in problems))
+    print(f"{len(problems):,} {args.split} problems ({cfg.num_inputs} numbers in 1..{cfg.max_num}, targets "
+          f"{cfg.min_target}..{cfg.max_target}, seed {seed}), none among the {len(taken):,} of {data}'s "
+          f"splits -> {args.out} (evaluate with `apr-jax eval --problems {args.out}`)")
+    return 0
+
+
 def _print_data_summary(manifest: dict, out: str) -> None:
     t = manifest["timing"]
     print(f"done in {t['total_s']:.1f} s ({t['problems_per_s']:.1f} problems/s with {t['workers']} workers; "
@@ -234,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores); never changes output")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("problems", help="a held-out problem file disjoint from a dataset's splits (e.g. a test set)")
+    p.add_argument("--data", required=True, help="a folder written by `apr-jax data` (its task and seed)")
+    p.add_argument("--split", default="test", help="name of the new split; it seeds the draws (default %(default)s)")
+    p.add_argument("--n", type=int, required=True, help="number of problems")
+    p.add_argument("--seed", type=int, help="root seed (default: the dataset's)")
+    p.add_argument("--out", required=True, help="JSON Lines file of problems for `apr-jax eval --problems`")
+    p.set_defaults(fn=cmd_problems)
 
     p = sub.add_parser("import", help="import the official release's JSON files of one split")
     p.add_argument("--out", required=True)

@@ -159,3 +159,26 @@ def test_condition_prefixes_in_arrays(tmp_path):
             assert text.startswith("Sub Call Budget: ")
         else:
             assert text.startswith("Moving to Node #0,")
+
+
+def test_heldout_split_is_disjoint_solvable_and_seeded(tiny_data, tmp_path, capsys):
+    from apr_jax import cli
+
+    out = tmp_path / "test.jsonl"
+    assert cli.main(["problems", "--data", str(tiny_data), "--n", "40", "--out", str(out)]) == 0
+    test = list(datasets.read_jsonl(out))
+    seen = {key_of(p["nums"], p["target"])
+            for split in ("train", "val") for p in datasets.read_jsonl(tiny_data / f"problems_{split}.jsonl")}
+    keys = [key_of(p["nums"], p["target"]) for p in test]
+    assert [p["id"] for p in test] == list(range(40)) and len(set(keys)) == 40 and not set(keys) & seen
+    assert all(game.solvable(p["nums"], p["target"]) for p in test)
+    # the same arguments give the same bytes; another split name, other problems
+    again = tmp_path / "again.jsonl"
+    cli.main(["problems", "--data", str(tiny_data), "--n", "40", "--out", str(again)])
+    assert again.read_bytes() == out.read_bytes()
+    other = tmp_path / "other.jsonl"
+    cli.main(["problems", "--data", str(tiny_data), "--split", "test2", "--n", "40", "--out", str(other)])
+    assert other.read_bytes() != out.read_bytes()
+    # a dataset's own split name is refused (its problems are what the new file must avoid)
+    assert cli.main(["problems", "--data", str(tiny_data), "--split", "val", "--n", "4", "--out", str(other)]) == 2
+    assert "own splits" in capsys.readouterr().err
