@@ -182,3 +182,12 @@ def test_heldout_split_is_disjoint_solvable_and_seeded(tiny_data, tmp_path, caps
     # a dataset's own split name is refused (its problems are what the new file must avoid)
     assert cli.main(["problems", "--data", str(tiny_data), "--split", "val", "--n", "4", "--out", str(other)]) == 2
     assert "own splits" in capsys.readouterr().err
+
+
+def test_heldout_split_larger_than_the_task_is_an_error():
+    from apr_jax.countdown.problems import ProblemSpec, heldout_problems
+
+    spec = ProblemSpec(num_inputs=2, max_num=3, min_target=2, max_target=3)  # a handful of distinct problems
+    assert len(heldout_problems(spec, 0, "test", 3, set())) == 3
+    with pytest.raises(ValueError, match="too few distinct problems"):
+        heldout_problems(spec, 0, "test", 50, set())

@@ -64,9 +64,11 @@ def candidate(spec: ProblemSpec, seed: int, split: str, index: int, attempt: int
 
 
 def resolve_collisions(spec: ProblemSpec, seed: int, split: str, drawn: Sequence[dict],
-                       taken: set | None = None) -> tuple[list[dict], set]:
+                       taken: set | None = None, max_attempts: int = 10_000) -> tuple[list[dict], set]:
     """Walk the problems in index order and redraw any whose key is already taken (by this split or by
-    ``taken``, e.g. the training keys when making the validation split). Sequential and deterministic."""
+    ``taken``, e.g. the training keys when making the validation split). Sequential and deterministic. A
+    problem still colliding after ``max_attempts`` redraws means the task has too few distinct problems left:
+    an error, not an endless loop."""
     taken = set() if taken is None else set(taken)
     own: set = set()
     out = []
@@ -75,6 +77,10 @@ def resolve_collisions(spec: ProblemSpec, seed: int, split: str, drawn: Sequence
         key = key_of(problem["nums"], problem["target"])
         while key in taken or key in own:
             attempt += 1
+            if attempt > max_attempts:
+                raise ValueError(f"split {split!r}: problem {index} still repeats a taken problem after "
+                                 f"{max_attempts:,} redraws; {spec} has too few distinct problems for "
+                                 f"{len(drawn):,} more beside the {len(taken):,} taken: ask for fewer")
             problem = candidate(spec, seed, split, index, attempt)
             key = key_of(problem["nums"], problem["target"])
         own.add(key)
