@@ -58,7 +58,10 @@ def cmd_problems(args) -> int:
     data = Path(args.data)
     if not (data / "config.json").exists():
         raise ValueError(f"{data} holds no config.json: pass a folder written by `apr-jax data`")
-    cfg = DataConfig(**json.loads((data / "config.json").read_text()))
+    try:
+        cfg = DataConfig(**json.loads((data / "config.json").read_text()))
+    except (TypeError, json.JSONDecodeError) as err:  # a hand-edited or foreign config.json
+        raise ValueError(f"{data / 'config.json'} is not a data config of `apr-jax data`: {err}") from err
     if args.split in ("train", "val"):
         raise ValueError(f"--split {args.split!r} is one of the dataset's own splits: name a new one, e.g. test")
     taken: set = set()

@@ -113,8 +113,8 @@ class Plan:
 # either of two seeds, about 11 minutes on one host; 30 steps reached 35.6-39.0% over three seeds, docs/rl.md);
 # after it, the plain and spawn-aid rows. The APR SFT leaves the continuation calls' prompts out of the loss
 # (the paper's recipe keeps them), which removes the self-written join marker; on one host 30.5% and 31.0% plain
-# over two data orders against 21.5% and 31.0% (docs/experiments.md). End to end (with 3 GRPO steps) about 97
-# minutes on a fast day, about 116 on a slow one; 15 steps add about 10.
+# over two data orders against 21.5% and 31.0% (docs/experiments.md). End to end with 15 GRPO steps: 54 minutes
+# from a fresh clone on a 2-core AVX-512 host; on a slower 2-core host about 96 (116 + 10 on its slowest day).
 FULL = Plan("full", None, None, sft_steps=2600, sft_batch=8, sft_seq_len=None, eval_problems=200, eval_context=1024,
             max_total_tokens=8192, sweep_contexts=(256, 320, 384, 512), sweep_problems=100, sc_samples=8,
             sc_problems=100, sweep_sub_call_budgets=(2,),

@@ -182,6 +182,12 @@ def test_heldout_split_is_disjoint_solvable_and_seeded(tiny_data, tmp_path, caps
     # a dataset's own split name is refused (its problems are what the new file must avoid)
     assert cli.main(["problems", "--data", str(tiny_data), "--split", "val", "--n", "4", "--out", str(other)]) == 2
     assert "own splits" in capsys.readouterr().err
+    # a folder whose config.json is not a data config is named, not a traceback
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"num_layers": 6}')
+    assert cli.main(["problems", "--data", str(bad), "--n", "4", "--out", str(other)]) == 2
+    assert "not a data config" in capsys.readouterr().err
 
 
 def test_heldout_split_larger_than_the_task_is_an_error():
