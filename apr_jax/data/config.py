@@ -13,7 +13,7 @@ from apr_jax.data.tokenizer import NUMBER_MODES
 class DataConfig:
     """Everything that decides the bytes of a dataset. Worker count is not here: it never changes them.
 
-    Defaults are the paper's (spec sections 1, 2, 5).
+    Defaults are the paper's (Pan et al. 2025, and its release's solvers).
     """
 
     num_inputs: int = 4  # input numbers per problem

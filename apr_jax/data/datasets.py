@@ -106,7 +106,7 @@ def apr_demo(cfg: DataConfig, problem: dict, split: str) -> dict:
 
 
 def apr_sequences(record: dict, condition_prefix: bool) -> list[tuple[int, str]]:
-    """Training sequences of an APR demonstration: every parent call and every child call (spec 5)."""
+    """Training sequences of an APR demonstration: every parent call and every child call (the paper's SFT recipe)."""
     td = record["trace_dict"]
     spawns = len(td["sub_calls"])
     prefix = ""

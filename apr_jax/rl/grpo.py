@@ -1,6 +1,6 @@
 """GRPO through whole thread trees: rollouts on the slot engine, the paper's update, checkpoints, metrics.
 
-One RL step (spec section 6):
+One RL step (the paper's GRPO recipe):
 
 1. **Rollouts.** ``problems_per_step`` problems (a fixed seeded order over the training problems), each
    rolled out ``group_size`` times at ``temperature`` by the engine and the APR (or SoS+) runtime. Rollout
