@@ -35,6 +35,9 @@ def test_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
         assert kinds["other"]["tokens"] > 0 and 0.0 <= kinds["other"]["accuracy"] <= 1.0
     assert "| result | the result after `=` (arithmetic) |" in text
     assert "### Where APR's answers come from" in text
+    solved = sum(json.loads(line)["correct"] for line in (out / "eval" / "sosp_sft_plain.jsonl").open())
+    verdict = "met" if solved >= 0.3 * PLAN.eval_problems else "**not met**"
+    assert f"Aim (SoS+ SFT solves at least 30% plain): {verdict}, {100 * solved / PLAN.eval_problems:.1f}% [" in text
     section = text.split("### Where APR's answers come from")[1].split("##")[0]
     row = next(line for line in section.splitlines() if line.startswith("| APR SFT, plain | "))
     cells = [c.strip() for c in row.split("|")[2:-1]]  # child path "k/n", four counts, where parents went wrong
@@ -135,3 +138,11 @@ def test_demo_command_overrides_plan_fields_and_names_a_bad_one(tmp_path, monkey
     assert plan.sft_steps == demo.QUICK.sft_steps and seen["preset"].train.eval_every == 5
     with pytest.raises(SystemExit, match="no field 'apr_steps'"):
         cli.main(["demo", "--quick", "--out", str(tmp_path), "--set", "plan.apr_steps=7"])
+
+
+def test_aim_line_states_whether_sosp_reached_30_percent():
+    from apr_jax.report import aim_line
+    assert aim_line({"problems": 200, "accuracy": 0.30}).startswith(
+        "Aim (SoS+ SFT solves at least 30% plain): met, 30.0% [")
+    assert "**not met**, 29.5% [" in aim_line({"problems": 200, "accuracy": 0.295})
+    assert aim_line(None).endswith("not evaluated.")
