@@ -92,12 +92,17 @@ def split_keys(problems: Iterable[dict]) -> set:
     return {key_of(p["nums"], p["target"]) for p in problems}
 
 
+def finish_split(spec: ProblemSpec, seed: int, split: str, drawn: Sequence[dict], taken: set) -> list[dict]:
+    """A split's problems from its drawn candidates (index order): collisions with ``taken`` and with each other
+    redrawn (:func:`resolve_collisions`), ids 0..n-1. What every split goes through, the dataset's and held-out."""
+    problems, _ = resolve_collisions(spec, seed, split, drawn, taken)
+    return [{**p, "id": i} for i, p in enumerate(problems)]
+
+
 def heldout_problems(spec: ProblemSpec, seed: int, split: str, n: int, taken: set) -> list[dict]:
     """``n`` problems of a new ``split`` (e.g. ``"test"``), drawn as the dataset's splits are and disjoint from
     ``taken`` (the keys of the splits a model saw or was selected on), with ids 0..n-1. A pure function of its
     arguments: the same seed and split name give the same problems."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    drawn = [candidate(spec, seed, split, i) for i in range(n)]
-    problems, _ = resolve_collisions(spec, seed, split, drawn, taken)
-    return [{**p, "id": i} for i, p in enumerate(problems)]
+    return finish_split(spec, seed, split, [candidate(spec, seed, split, i) for i in range(n)], taken)

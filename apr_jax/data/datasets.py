@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from apr_jax.countdown import heuristics, solvers, traces
-from apr_jax.countdown.problems import candidate, resolve_collisions, rng_for, split_keys
+from apr_jax.countdown.problems import candidate, finish_split, rng_for, split_keys
 from apr_jax.data import arrays, tokenizer as tokenization
 from apr_jax.data.config import DataConfig
 
@@ -264,8 +264,7 @@ def _make_problems(cfg: DataConfig, out: Path, workers: int, progress: bool) -> 
                     drawn += _problem_chunk(t)
                     bar.update(t[3] - t[2])
             bar.close()
-            problems, _ = resolve_collisions(spec, cfg.seed, split, drawn, taken)
-            problems = [{**p, "id": i} for i, p in enumerate(problems)]
+            problems = finish_split(spec, cfg.seed, split, drawn, taken)
             atomic_write_text(path, "".join(dumps(p) + "\n" for p in problems))
             result[split] = problems
         taken |= split_keys(result[split])
