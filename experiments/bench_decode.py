@@ -20,7 +20,9 @@ What is measured, each in its own subprocess (clean thread pools and peak memory
 * ``batching``: engine wall time for 10 threads of ``--new-tokens`` decoded together vs 1 alone (the cost of
   a spawn's children relative to one child), with the default fp32 KV cache and with the opt-in bf16 cache
   (``Engine(kv_dtype="bfloat16")``: a many-row decode step on CPU is bound by memory traffic through the
-  cache, which bf16 halves). ``--only-batching`` measures only this.
+  cache, which bf16 halves), and an ablation where attention reads one cached key per row instead of all of
+  them (the tokens are then not the model's; what is left is the cost of the projections and the rest of the
+  step: docs/inference.md). ``--only-batching`` measures only this.
 
 Each measurement is the median of ``--repeats`` timed runs (default 3). Prompts are real APR child prompts
 (``Moving to Node #0,k`` + ``Current State ...``) of random problems.
@@ -80,7 +82,7 @@ def load_model(args):
 
 def run_engine(args, threads: int) -> dict:
     import jax
-    import numpy as np
+    import jax.numpy as jnp
 
     from apr_jax.inference.engine import Engine
     from apr_jax.inference.runtime import Codec
@@ -91,6 +93,12 @@ def run_engine(args, threads: int) -> dict:
     _, bos, _ = tokenization.special_ids(tok)
     codec = Codec(tok, bos, -1)
     prompts = [codec.prompt_ids(p) for p in child_prompts(threads)]
+    if args.worker == "engine_one_key":  # ablation: each row's attention reads one cached key, not all
+        from apr_jax.model import cpu_kernels as kernels
+
+        full = kernels.decode_attention
+        kernels.decode_attention = lambda q, k, v, layer, limit, scale: full(q, k, v, layer,
+                                                                            jnp.minimum(limit, 1), scale)
 
     def once(new_tokens: int) -> tuple[float, dict]:
         # no EOS: every thread decodes new_tokens
@@ -163,7 +171,7 @@ def run_hf(args, threads: int) -> dict:
 
 
 def worker(args) -> None:
-    fn = {"engine": run_engine, "engine_xla": run_engine, "hf": run_hf}[args.worker]
+    fn = {"engine": run_engine, "engine_xla": run_engine, "engine_one_key": run_engine, "hf": run_hf}[args.worker]
     print(json.dumps(fn(args, args.worker_threads)))
 
 
@@ -220,19 +228,22 @@ def main() -> None:
             line += f" | without the CPU kernels {xla['tokens_per_s']:.0f} tok/s"
         report["runs"].append(row)
         print(line, flush=True)
-    # the cost of 10 children vs 1, with the exact fp32 cache and with the opt-in bf16 cache; rounds alternate
-    # the two so that a slow interval of a shared machine hits both, and each ratio pairs runs of one round
-    ratios: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    # the cost of 10 children vs 1, with the exact fp32 cache, with the opt-in bf16 cache and (ablation) with
+    # attention over one key per row; rounds alternate the variants so that a slow interval of a shared machine
+    # hits all of them, and each ratio pairs runs of one round
+    variants = {"float32": ("engine", "float32", "fp32 KV cache"), "bfloat16": ("engine", "bfloat16", "bf16 KV cache"),
+                "one_key": ("engine_one_key", "float32", "ablation: attention over 1 key per row")}
+    ratios: dict[str, list[float]] = {name: [] for name in variants}
     rounds = []
     for _ in range(args.batching_rounds):
         row = {}
-        for kv_dtype in ratios:
-            one, ten = spawn(args, "engine", 1, kv_dtype), spawn(args, "engine", 10, kv_dtype)
-            row[kv_dtype] = {"one_child_s": one["wall_s"], "ten_children_s": ten["wall_s"],
-                             "ratio": ten["wall_s"] / one["wall_s"]}
-            ratios[kv_dtype].append(ten["wall_s"] / one["wall_s"])
-            print(f"batching ({kv_dtype} KV cache): 10 children x {args.new_tokens} tokens in {ten['wall_s']:.2f} s "
-                  f"vs 1 child in {one['wall_s']:.2f} s: {ten['wall_s'] / one['wall_s']:.2f}x", flush=True)
+        for name, (kind, kv_dtype, label) in variants.items():
+            one, ten = spawn(args, kind, 1, kv_dtype), spawn(args, kind, 10, kv_dtype)
+            row[name] = {"one_child_s": one["wall_s"], "ten_children_s": ten["wall_s"],
+                         "ratio": ten["wall_s"] / one["wall_s"]}
+            ratios[name].append(ten["wall_s"] / one["wall_s"])
+            print(f"batching ({label}): 10 children x {args.new_tokens} tokens in {ten['wall_s']:.3f} s "
+                  f"vs 1 child in {one['wall_s']:.3f} s: {ten['wall_s'] / one['wall_s']:.2f}x", flush=True)
         rounds.append(row)
     report["batching"] = {"rounds": rounds, **{f"median_ratio_{k}": sorted(v)[len(v) // 2] for k, v in ratios.items()}}
     print("batching, median over rounds: " + ", ".join(f"{k} {report['batching'][f'median_ratio_{k}']:.2f}x"
