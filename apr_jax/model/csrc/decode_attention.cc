@@ -34,6 +34,18 @@ inline float Widen(uint16_t bf16) {  // bf16 -> fp32: the 16 bits are the top ha
   return x;
 }
 
+// scores[0:n] <- exp(scores - max(scores)), the softmax numerators; returns their sum (n >= 1).
+inline float ExpShifted(float* __restrict scores, int64_t n) {
+  float max_score = scores[0];
+  for (int64_t s = 1; s < n; ++s) max_score = std::max(max_score, scores[s]);
+  float total = 0.0f;
+  for (int64_t s = 0; s < n; ++s) {
+    scores[s] = std::exp(scores[s] - max_score);
+    total += scores[s];
+  }
+  return total;
+}
+
 // HD > 0: the head dimension as a compile-time constant (unrolled, vectorised dots); HD == 0: any head_dim.
 // T: the cache's storage type (float, or uint16_t holding bf16).
 template <typename T, int64_t HD>
@@ -56,13 +68,7 @@ void AttendRow(const float* __restrict q, const T* __restrict k, const T* __rest
       for (int64_t h = 0; h < head_dim; ++h) dot += qg[h] * Widen(ks[h]);
       sg[s] = dot * scale;
     }
-    float max_score = sg[0];
-    for (int64_t s = 1; s < limit; ++s) max_score = std::max(max_score, sg[s]);
-    float total = 0.0f;
-    for (int64_t s = 0; s < limit; ++s) {
-      sg[s] = std::exp(sg[s] - max_score);
-      total += sg[s];
-    }
+    const float total = ExpShifted(sg, limit);
     float acc[HD > 0 ? HD : 1];
     float* __restrict og = HD > 0 ? acc : out + g * head_dim;
     std::fill(og, og + head_dim, 0.0f);
@@ -141,13 +147,7 @@ void AttendRowVec(const float* __restrict q, const T* __restrict k, const T* __r
       for (int c = 1; c < C; ++c) p += qv[c] * Load16(ks + 16 * c);
       sg[s] = Sum16(p);
     }
-    float max_score = sg[0];
-    for (int64_t i = 1; i < limit; ++i) max_score = std::max(max_score, sg[i]);
-    float total = 0.0f;
-    for (int64_t i = 0; i < limit; ++i) {
-      sg[i] = std::exp(sg[i] - max_score);
-      total += sg[i];
-    }
+    const float total = ExpShifted(sg, limit);
     V16 acc[U][C] = {};
     s = 0;
     for (; s + U <= limit; s += U)
