@@ -30,7 +30,8 @@ def _case(num_heads, num_kv_heads, head_dim, lengths, slots=96, layers=3, seed=0
 
 
 @needs_kernel
-@pytest.mark.parametrize("heads", [(4, 4, 16), (4, 2, 16), (2, 1, 32), (2, 2, 64), (2, 2, 24)])  # MHA, GQA, MQA, wide H, odd H
+# MHA, GQA, MQA, wide H, GQA at wide H, odd H; lengths below cover both sides of the 16-key steps
+@pytest.mark.parametrize("heads", [(4, 4, 16), (4, 2, 16), (2, 1, 32), (2, 2, 64), (4, 2, 64), (2, 2, 24)])
 def test_kernel_matches_xla_attention(heads):
     assert cpu_kernels.available()
     cfg, q, k, v, spec = _case(*heads, lengths=[0, 1, 7, 95, 96])
