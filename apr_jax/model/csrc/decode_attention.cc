@@ -96,6 +96,14 @@ inline V16 Load16(const uint16_t* p) {  // 16 bf16 -> fp32
 }
 inline float Sum16(V16 v) { float s = 0; for (int i = 0; i < 16; ++i) s += v[i]; return s; }
 
+// The lane-wise products q * key of one key of HD = 16 * C values, folded to one vector (its lanes sum to the dot).
+template <typename T, int C>
+inline V16 KeyProducts(const V16* qv, const T* key) {
+  V16 p = qv[0] * Load16(key);
+  for (int c = 1; c < C; ++c) p += qv[c] * Load16(key + 16 * c);
+  return p;
+}
+
 // r[j] = sum of the lanes of v[j], j < 16 (a transpose-and-add tree: 15 combine steps, no per-vector
 // horizontal sum).
 inline V16 SumEach16(const V16* v) {
@@ -132,21 +140,11 @@ void AttendRowVec(const float* __restrict q, const T* __restrict k, const T* __r
     int64_t s = 0;
     for (; s + 16 <= limit; s += 16) {
       V16 prod[16];
-      for (int j = 0; j < 16; ++j) {
-        const T* ks = k + (s + j) * HD;
-        V16 p = qv[0] * Load16(ks);
-        for (int c = 1; c < C; ++c) p += qv[c] * Load16(ks + 16 * c);
-        prod[j] = p;
-      }
+      for (int j = 0; j < 16; ++j) prod[j] = KeyProducts<T, C>(qv, k + (s + j) * HD);
       const V16 r = SumEach16(prod);
       std::memcpy(sg + s, &r, sizeof(r));
     }
-    for (; s < limit; ++s) {
-      const T* ks = k + s * HD;
-      V16 p = qv[0] * Load16(ks);
-      for (int c = 1; c < C; ++c) p += qv[c] * Load16(ks + 16 * c);
-      sg[s] = Sum16(p);
-    }
+    for (; s < limit; ++s) sg[s] = Sum16(KeyProducts<T, C>(qv, k + s * HD));
     const float total = ExpShifted(sg, limit);
     V16 acc[U][C] = {};
     s = 0;
